@@ -1,0 +1,18 @@
+"""Errors a user can fix. The CLI turns each into a one-line message and exit code 2."""
+from __future__ import annotations
+
+
+class RaysparseError(Exception):
+    """Base class: the message says what is wrong and how to fix it."""
+
+
+class ConfigError(RaysparseError, ValueError):
+    """A setting is out of range or inconsistent with another one."""
+
+
+class DataError(RaysparseError):
+    """A dataset or data file cannot be found or loaded."""
+
+
+class ModelError(RaysparseError):
+    """A model cannot be found, loaded, or is of an unsupported family."""
