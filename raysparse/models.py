@@ -1,0 +1,261 @@
+"""Load causal LMs and hide architecture differences behind a `ModelAdapter`.
+
+Pruners, mask bookkeeping and (later) structured pruning need the same few facts about a
+model: where the decoder layers are, which linear sublayers they hold, how attention heads
+group into key/value groups, and how long a window the model accepts. Each family answers
+those once in an adapter class; everything else in raysparse is family-agnostic.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+try:  # GPT-2 stores its projections as Conv1D with (in, out) weights.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment]
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Head layout of one attention block: GQA when num_kv_heads < num_heads."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def queries_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+class ModelAdapter:
+    """Family-specific facts about a causal LM. Subclasses set the class variables."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layers_path: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # --- structure -----------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        module: nn.Module = self.model
+        for part in self.layers_path.split("."):
+            module = getattr(module, part)
+        return module  # type: ignore[return-value]
+
+    def prunable_linears(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """Every linear sublayer of a decoder layer, by its name inside the layer."""
+        return {name: mod for name, mod in layer.named_modules() if isinstance(mod, LINEAR_TYPES)}
+
+    def prunable_modules(self) -> dict[str, nn.Module]:
+        """Full module names of every prunable linear (embeddings and lm_head excluded)."""
+        result: dict[str, nn.Module] = {}
+        for index, layer in enumerate(self.decoder_layers()):
+            for name, module in self.prunable_linears(layer).items():
+                result[f"{self.layers_path}.{index}.{name}"] = module
+        return result
+
+    def prunable_weights(self) -> dict[str, nn.Parameter]:
+        """Full parameter names of every prunable weight."""
+        return {f"{name}.weight": module.weight for name, module in self.prunable_modules().items()}
+
+    @staticmethod
+    def is_transposed(module: nn.Module) -> bool:
+        """True for GPT-2's Conv1D, which stores weights as (in_features, out_features)."""
+        return isinstance(Conv1D, type) and isinstance(module, Conv1D)
+
+    @classmethod
+    def weight_matrix(cls, module: nn.Module) -> torch.Tensor:
+        """The weight as an (out_features, in_features) view, whatever the storage layout.
+
+        Writing into the returned tensor writes into the parameter, so pruners can work in
+        one orientation for every family.
+        """
+        return module.weight.data.t() if cls.is_transposed(module) else module.weight.data
+
+    @classmethod
+    def to_param_layout(cls, module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+        """Bring an (out, in) tensor (a mask, say) back to the parameter's own layout."""
+        return matrix.t().contiguous() if cls.is_transposed(module) else matrix
+
+    @classmethod
+    def context_length_of(cls, config) -> int:
+        """Longest window the model accepts (read from a bare config, before weights load)."""
+        return int(config.max_position_embeddings)
+
+    def context_length(self) -> int:
+        return self.context_length_of(self.config)
+
+    def attention_shape(self) -> AttentionShape:
+        heads = int(self.config.num_attention_heads)
+        kv_heads = int(getattr(self.config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(self.config, "head_dim", None) or self.config.hidden_size // heads)
+        return AttentionShape(heads, kv_heads, head_dim)
+
+    def pre_layer_modules(self) -> list[nn.Module]:
+        """Modules that run before the first decoder layer (embeddings, rotary tables)."""
+        raise NotImplementedError
+
+
+class LlamaAdapter(ModelAdapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    layers_path = "model.layers"
+
+    def pre_layer_modules(self) -> list[nn.Module]:
+        inner = self.model.model
+        return [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
+
+
+class OPTAdapter(ModelAdapter):
+    family = "opt"
+    model_types = ("opt",)
+    layers_path = "model.decoder.layers"
+
+    def pre_layer_modules(self) -> list[nn.Module]:
+        dec = self.model.model.decoder
+        mods = [dec.embed_tokens, dec.embed_positions, getattr(dec, "project_in", None)]
+        return [m for m in mods if m is not None]
+
+
+class GPT2Adapter(ModelAdapter):
+    family = "gpt2"
+    model_types = ("gpt2",)
+    layers_path = "transformer.h"
+
+    @classmethod
+    def context_length_of(cls, config) -> int:
+        return int(config.n_positions)
+
+    def attention_shape(self) -> AttentionShape:
+        heads = int(self.config.n_head)
+        return AttentionShape(heads, heads, self.config.n_embd // heads)
+
+    def pre_layer_modules(self) -> list[nn.Module]:
+        return [self.model.transformer.wte, self.model.transformer.wpe]
+
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for cls in ADAPTERS for t in cls.model_types)
+
+
+def adapter_class_for(model_type: str) -> type[ModelAdapter]:
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    raise ModelError(
+        f"model family '{model_type}' is not supported; supported model_type values: "
+        f"{', '.join(supported_model_types())}"
+    )
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    return adapter_class_for(model.config.model_type)(model)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the `tiny` preset to its cached folder; check local folders hold a model."""
+    from .tiny import TINY_PRESET_NAME, ensure_tiny_model
+
+    if name_or_path == TINY_PRESET_NAME:
+        return str(ensure_tiny_model())
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if not looks_local:
+        return name_or_path  # a hub id such as facebook/opt-125m
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder")
+    weight_files = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+                    for p in path.glob(pattern)]
+    if not weight_files:
+        raise ModelError(
+            f"{name_or_path} has a config.json but no weights (*.safetensors or *.bin): "
+            "copy the weight files into the folder or use save_pretrained"
+        )
+    return str(path)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    path: str
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """Load only the config (cheap), so family and context checks run before the weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]} "
+            "(no network? pass a local model folder with --model PATH)"
+        ) from None
+    except ValueError as exc:
+        raise ModelError(f"cannot read the config of '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    adapter_class_for(config.model_type)
+    return config
+
+
+def load_model(
+    name_or_path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer from a hub id, a local folder, or the `tiny` preset."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    load_config(path, trust_remote_code)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    model.eval()
+    adapter = get_adapter(model)
+    logger.info("loaded %s (%s, %s params, %s)", name_or_path, adapter.family,
+                f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, path=path)

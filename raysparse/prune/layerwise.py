@@ -1,0 +1,151 @@
+"""Run a model one decoder layer at a time on calibration data, for Wanda and SparseGPT.
+
+Both methods need the inputs each linear sublayer sees. Following the papers, layer i is
+fed the outputs of the *already pruned* layers before it, so pruning errors do not
+compound unseen. Only one layer's activations (inputs and outputs of the calibration set)
+are held at a time, and a layer is moved to the accelerator only while it is processed, so
+a model larger than the GPU can still be pruned.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..masks import Masks
+from ..models import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+
+class StatsCollector(Protocol):
+    """Accumulates what a pruner needs from the inputs of one linear sublayer."""
+
+    def add_batch(self, inputs: torch.Tensor) -> None: ...
+
+
+class LayerwiseMethod(Protocol):
+    """A calibration-based pruner: makes collectors and turns their statistics into masks."""
+
+    def make_collector(self, module: nn.Module) -> StatsCollector: ...
+
+    def prune_module(self, adapter: ModelAdapter, module: nn.Module, stats: StatsCollector) -> torch.Tensor:
+        """Prune `module` in place; return its remove-mask in (out, in) layout."""
+        ...
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _Chunk:
+    """One calibration mini-batch as layer 0 receives it: hidden states + the call's other args."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+class _InputCatcher(nn.Module):
+    """Stands in for decoder layer 0 to record its inputs, then stops the forward pass."""
+
+    def __init__(self, layer: nn.Module, store: list[_Chunk]):
+        super().__init__()
+        self.layer = layer
+        self.store = store
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self.store.append(_Chunk(hidden.detach(), rest, kwargs))
+        raise _StopForward
+
+
+def _move_pre_layer_modules(adapter: ModelAdapter, device: torch.device) -> None:
+    for module in adapter.pre_layer_modules():
+        module.to(device)
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    adapter: ModelAdapter, calib: torch.Tensor, device: torch.device, batch_size: int
+) -> list[_Chunk]:
+    """Hidden states entering decoder layer 0 for every calibration window, in chunks."""
+    layers = adapter.decoder_layers()
+    store: list[_Chunk] = []
+    original = layers[0]
+    _move_pre_layer_modules(adapter, device)
+    layers[0] = _InputCatcher(original, store)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            try:
+                adapter.model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = original
+    return store
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def prune_layerwise(
+    adapter: ModelAdapter,
+    method: LayerwiseMethod,
+    calib: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 8,
+    desc: str = "pruning layers",
+    should_prune: Callable[[str], bool] = lambda name: True,
+) -> Masks:
+    """Prune every decoder layer in order and return keep-masks keyed by parameter name."""
+    model = adapter.model
+    offload = next(model.parameters()).device != device
+    was_training = model.training
+    model.eval()
+    chunks = capture_layer_inputs(adapter, calib, device, batch_size)
+    masks: Masks = {}
+    layers = adapter.decoder_layers()
+    try:
+        for index in tqdm(range(len(layers)), desc=desc, leave=False):
+            layer = layers[index]
+            if offload:
+                layer.to(device)
+            linears = {n: m for n, m in adapter.prunable_linears(layer).items()
+                       if should_prune(f"{adapter.layers_path}.{index}.{n}")}
+            collectors = {name: method.make_collector(module) for name, module in linears.items()}
+            hooks = [
+                module.register_forward_hook(
+                    lambda _m, inputs, _out, c=collectors[name]: c.add_batch(inputs[0].detach())
+                )
+                for name, module in linears.items()
+            ]
+            try:
+                for chunk in chunks:
+                    layer(chunk.hidden, *chunk.args, **chunk.kwargs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for name, module in linears.items():
+                remove = method.prune_module(adapter, module, collectors[name])
+                masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()
+            del collectors
+            for chunk in chunks:  # the pruned layer's output feeds the next layer
+                chunk.hidden = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
+            if offload:
+                layer.to("cpu")
+    finally:
+        model.train(was_training)
+        if offload:
+            _move_pre_layer_modules(adapter, torch.device("cpu"))
+    return masks

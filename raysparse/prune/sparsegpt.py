@@ -1,0 +1,120 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune by approximate second-order reconstruction.
+
+For each linear sublayer with inputs X, the Hessian of ||WX - W'X||^2 is H = 2 X X^T.
+Columns are processed left to right in blocks; within a block the mask is chosen by the
+OBS saliency w^2 / [H^-1]_jj^2 (adaptive mask selection), and the error of every removed
+weight is pushed onto the not-yet-processed columns through the Cholesky factor of H^-1.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..config import SparsityPattern
+from ..models import ModelAdapter
+from .selection import nm_mask, whole_matrix_mask
+
+logger = logging.getLogger(__name__)
+
+
+class HessianCollector:
+    """Accumulates X X^T over calibration tokens (float32) and the token count."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        flat = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.xtx.addmm_(flat.t(), flat)
+        self.tokens += flat.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, raising the dampening until H is positive definite."""
+    mean_diag = float(torch.diag(hessian).mean())
+    damp = percdamp
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for _ in range(6):
+        try:
+            lower = torch.linalg.cholesky(hessian + eye * (damp * mean_diag))
+            inverse = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inverse, upper=True)
+        except torch.linalg.LinAlgError:
+            damp = max(damp * 10, 1e-4)
+            logger.warning("Hessian not positive definite; retrying with dampening %.4g", damp)
+    raise RuntimeError("SparseGPT: the Hessian stayed singular even with 10x dampening; use more --nsamples")
+
+
+@torch.no_grad()
+def sparsegpt_reconstruct(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: SparsityPattern,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (pruned and updated weight, remove-mask) for an (out, in) weight."""
+    W = weight.detach().float().clone()
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    Hinv = _inverse_cholesky(H, percdamp)
+    rows, cols = W.shape
+    remove = torch.zeros_like(W, dtype=torch.bool)
+    if pattern.is_nm and blocksize % pattern.m:
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    for b1 in range(0, cols, blocksize):
+        b2 = min(b1 + blocksize, cols)
+        W1 = W[:, b1:b2].clone()
+        Hinv1 = Hinv[b1:b2, b1:b2]
+        diag1 = torch.diag(Hinv1)
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = whole_matrix_mask(W1.pow(2) / diag1.pow(2).unsqueeze(0), pattern.ratio)
+        for i in range(b2 - b1):
+            if pattern.is_nm and i % pattern.m == 0:
+                group = slice(i, min(i + pattern.m, b2 - b1))
+                saliency = W1[:, group].pow(2) / diag1[group].pow(2).unsqueeze(0)
+                mask1[:, group] = nm_mask(saliency, pattern.n, pattern.m)
+            column = W1[:, i]
+            quantized = column.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = quantized
+            err = (column - quantized) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, b1:b2] = Q1
+        remove[:, b1:b2] = mask1
+        W[:, b2:] -= Err1 @ Hinv[b1:b2, b2:]
+    remove |= dead.unsqueeze(0).expand_as(remove)
+    return W, remove
+
+
+class SparseGPTMethod:
+    def __init__(self, pattern: SparsityPattern, percdamp: float = 0.01, blocksize: int = 128):
+        self.pattern = pattern
+        self.percdamp = percdamp
+        self.blocksize = blocksize
+
+    def make_collector(self, module: nn.Module) -> HessianCollector:
+        in_features = ModelAdapter.weight_matrix(module).shape[1]
+        return HessianCollector(in_features, module.weight.device)
+
+    @torch.no_grad()
+    def prune_module(self, adapter: ModelAdapter, module: nn.Module, stats: HessianCollector) -> torch.Tensor:
+        weight = adapter.weight_matrix(module)
+        new_weight, remove = sparsegpt_reconstruct(
+            weight, stats.hessian(), self.pattern, self.percdamp, self.blocksize
+        )
+        weight.copy_(new_weight.to(weight.dtype))
+        weight.masked_fill_(remove, 0)  # dead inputs and pruned weights are exactly zero
+        return remove
