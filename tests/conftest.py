@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny seeded configs of the real model classes, a real BPE tokenizer,
+and paths to the real tiny artefacts in ../shared/data (tests using those skip when absent)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights from a network; "
+    "recovery fine-tuning wins accuracy back. Perplexity is the exponential of the mean "
+    "negative log-likelihood of the next token. "
+) * 40
+
+
+def build_tokenizer(text: str = SAMPLE_TEXT, vocab_size: int = 300):
+    """A real byte-level BPE tokenizer trained in memory (deterministic, no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def build_model(family: str, vocab_size: int = 300, seed: int = 0, layers: int = 2):
+    """A small randomly initialised model of a supported family (same classes as the real ones)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                             max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(config)
+    elif family == "opt":
+        config = OPTConfig(vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=layers,
+                           num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = OPTForCausalLM(config)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=128,
+                            bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "opt", "gpt2"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def saved_model_dir(tmp_path_factory):
+    """Factory: save a random model of a family with a real tokenizer; returns the folder."""
+
+    def make(family: str = "llama") -> Path:
+        folder = tmp_path_factory.mktemp(f"model-{family}")
+        build_model(family).save_pretrained(folder)
+        build_tokenizer().save_pretrained(folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def text_files(tmp_path) -> dict[str, Path]:
+    calib = tmp_path / "calib.txt"
+    calib.write_text(SAMPLE_TEXT, encoding="utf-8")
+    evaluation = tmp_path / "eval.txt"
+    evaluation.write_text(SAMPLE_TEXT[::-1] + SAMPLE_TEXT, encoding="utf-8")
+    return {"calib": calib, "eval": evaluation}
+
+
+@pytest.fixture(scope="session")
+def tiny_preset() -> Path:
+    """The pretrained offline preset (built once per cache, about two minutes on 2 cores)."""
+    from raysparse.tiny import ensure_tiny_model
+
+    logging.getLogger("raysparse").setLevel(logging.INFO)
+    return ensure_tiny_model()
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real tiny artefacts live in ../shared/data)")
+    return path
