@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+SCHEDULES = ("oneshot", "iterative")
+RECOVERIES = ("none", "masked", "lora")
 MAGNITUDE_SCOPES = ("layer", "global")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_WINDOW = 2048
@@ -76,8 +79,11 @@ def parse_sparsity(value: str | float) -> SparsityPattern:
 
 
 @dataclass
-class PruneConfig:
-    """Everything one pruning run needs. Defaults are the offline tiny preset, Wanda at 50%."""
+class TrialConfig:
+    """Everything one trial needs: pruning, schedule, recovery. Defaults: tiny preset, Wanda 50%, one-shot.
+
+    `sparsity` is the final target (the CLI also accepts it as `--target-sparsity`).
+    """
 
     model: str = "tiny"
     method: str = "wanda"
@@ -100,7 +106,33 @@ class PruneConfig:
     output: str | None = None
     save: bool = False
     trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    # schedule
+    schedule: str = "oneshot"
+    prune_percentage: float = 0.1
+    max_iterations: int = 100
+    # recovery
+    recovery: str = "none"
+    epochs_per_iteration: int = 1
+    lr: float = 2e-5
+    batch_size: int = 8
+    max_steps: int | None = None
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    train_data: str | None = None
+    train_samples: int = 256
+    train_seqlen: int | None = None
+    batch_scaled: bool = False
+    total_samples: int | None = None
+    early_stopping_patience: int | None = None
+    keep_best: bool = True
+    bf16: str = "auto"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "q_proj,v_proj"
+    workers: int = 1
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, str):
@@ -110,7 +142,7 @@ class PruneConfig:
     def pattern(self) -> SparsityPattern:
         return parse_sparsity(self.sparsity)
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> "TrialConfig":
         """Check every setting that needs no model; raise ConfigError naming the fix."""
         self.pattern  # noqa: B018 - parsing validates
         if self.method not in METHODS:
@@ -142,13 +174,66 @@ class PruneConfig:
             raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda or cuda:N")
         if self.save and not self.output:
             raise ConfigError("save is set but no output directory is given: add --output DIR")
+        self._validate_schedule_and_recovery()
         return self
+
+    def _validate_schedule_and_recovery(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule '{self.schedule}': choose {' or '.join(SCHEDULES)}")
+        if self.schedule == "iterative":
+            if not 0.0 < self.prune_percentage < 1.0:
+                raise ConfigError(
+                    f"prune_percentage {self.prune_percentage} is outside (0, 1): it is the fraction of the "
+                    "remaining weights removed per iteration, e.g. 0.1"
+                )
+            if self.pattern.is_nm:
+                raise ConfigError("an iterative schedule needs a fractional sparsity, not an N:M pattern")
+            _positive_int("max_iterations", self.max_iterations)
+        if self.recovery not in RECOVERIES:
+            raise ConfigError(f"unknown recovery '{self.recovery}': choose one of {', '.join(RECOVERIES)}")
+        if self.recovery == "none":
+            return
+        for name in ("epochs_per_iteration", "batch_size", "grad_accum", "train_samples", "workers"):
+            _positive_int(name, getattr(self, name))
+        for name in ("max_steps", "total_samples", "early_stopping_patience", "train_seqlen"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name), minimum=2 if name == "train_seqlen" else 1)
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ConfigError(f"lr {self.lr} must be in (0, 1), e.g. 1e-5")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("weight_decay and warmup_steps must be >= 0")
+        if self.bf16 not in ("auto", "true", "false", True, False):
+            raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
+        if self.recovery == "lora":
+            _positive_int("lora_r", self.lora_r)
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ConfigError(f"lora_dropout {self.lora_dropout} is outside [0, 1)")
+            if not self.lora_targets:
+                raise ConfigError("lora_target_modules is empty: name linear layers, e.g. q_proj,v_proj")
+            if self.workers > 1:
+                raise ConfigError("LoRA recovery runs in-process: use --workers 1 (distributed recovery is masked)")
+
+    @property
+    def lora_targets(self) -> list[str]:
+        value = self.lora_target_modules
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [item.strip() for item in items if item.strip()]
+
+    def effective_lr(self) -> float:
+        """lr, or base_lr * sqrt(batch_size) with the batch-size-aware rule (`batch_scaled`)."""
+        return self.lr * math.sqrt(self.batch_size) if self.batch_scaled else self.lr
+
+    def effective_max_steps(self) -> int | None:
+        """max_steps, or total_samples / batch_size with the batch-size-aware rule."""
+        if self.batch_scaled and self.total_samples:
+            return max(1, self.total_samples // self.batch_size)
+        return self.max_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "PruneConfig":
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "TrialConfig":
         """Build from a plain mapping, naming unknown keys instead of ignoring them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -163,7 +248,7 @@ class PruneConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PruneConfig":
+    def from_file(cls, path: str | Path) -> "TrialConfig":
         """Read a JSON or YAML config file (a search's best_config.json, say)."""
         path = Path(path)
         if not path.is_file():
@@ -183,6 +268,9 @@ class PruneConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of setting: value")
         return cls.from_dict(values, source=str(path))
+
+
+PruneConfig = TrialConfig  # the one-shot API name; same settings
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:

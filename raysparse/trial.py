@@ -1,15 +1,20 @@
-"""One pruning run end to end: load, calibrate, evaluate dense, prune, evaluate, save.
+"""One trial end to end: load, evaluate dense, then for each schedule step prune, evaluate,
+recover, evaluate; verify masks, write the summary (and the model).
 
-`prune_model` is the library entry point behind `launch/prune.py`; searches call the same
-function, so a number seen in a search is reproduced exactly by the CLI. Every setting
-that can be checked without weights is checked before anything is loaded, and nothing is
-written to the output folder until the results exist, so a failed run leaves no half
-summary behind.
+`run_trial` is the single code path behind `launch/prune.py` and, later, every trial of a
+search, so a number seen in a search is reproduced exactly by the CLI. Each finished
+iteration is reported through a `Reporter` callback and checkpointed in the output folder;
+starting the same trial again with the same `--output` continues after the last finished
+iteration. Every setting that can be checked without weights is checked before anything is
+loaded, and outputs are written through temporary files renamed into place, so a failed or
+interrupted run never leaves a half-written summary or model.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -19,23 +24,34 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from . import __version__
-from .config import DEFAULT_MAX_WINDOW, PruneConfig
+from .config import DEFAULT_MAX_WINDOW, TrialConfig
 from .data import calibration_windows, resolve_source, token_stream
-from .errors import ConfigError
-from .evaluate import PerplexityResult, perplexity
-from .masks import Masks, measure_sparsity, save_masks, verify_masks
-from .models import LoadedModel, load_config, load_model, resolve_device, resolve_model_path
+from .errors import ConfigError, RaysparseError
+from .evaluate import perplexity
+from .masks import Masks, apply_masks, load_masks, masks_from_weights, measure_sparsity, save_masks, verify_masks
+from .models import LoadedModel, get_adapter, load_config, load_model, resolve_device, resolve_model_path
 from .prune import prune
+from .schedule import sparsity_schedule
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+# Settings that may change between an interrupted run and its resumption.
+RESUME_IGNORED = ("output", "save", "resume", "device", "eval_batch_size")
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+class TrialFailed(RaysparseError):
+    """The trial stopped (e.g. NaN loss); finished iterations are kept in the output folder."""
 
 
 @dataclass
@@ -44,24 +60,42 @@ class ResolvedSettings:
 
     calib_data: str
     eval_data: str
+    train_data: str
     seqlen: int
     eval_seqlen: int
     eval_stride: int
+    train_seqlen: int
     context_length: int
 
 
 @dataclass
-class PruneResult:
+class TrialResult:
     summary: dict[str, Any]
     loaded: LoadedModel
     masks: Masks = field(repr=False, default_factory=dict)
 
 
+PruneResult = TrialResult
+
+
+@dataclass
+class TrialState:
+    """What a resumed trial needs: the schedule, what finished, and the history so far."""
+
+    config: dict[str, Any]
+    levels: list[float]
+    ppl_dense: float
+    start_sparsity: float
+    completed: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
 class PhaseTimer:
     """Wall time per named phase, so users see where an hour went."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds: dict[str, float] = dict(seconds or {})
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -80,7 +114,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss_kb / 1024 if platform.system() != "Darwin" else rss_kb / 2**20
 
 
-def resolve_settings(config: PruneConfig) -> ResolvedSettings:
+def resolve_settings(config: TrialConfig) -> ResolvedSettings:
     """Fill defaults that depend on the model and check windows against its context."""
     from .models import adapter_class_for
     from .tiny import TINY_PRESET_NAME
@@ -89,7 +123,7 @@ def resolve_settings(config: PruneConfig) -> ResolvedSettings:
     model_config = load_config(path, config.trust_remote_code)
     context = adapter_class_for(model_config.model_type).context_length_of(model_config)
     default_window = min(context, DEFAULT_MAX_WINDOW)
-    for name in ("seqlen", "eval_seqlen"):
+    for name in ("seqlen", "eval_seqlen", "train_seqlen"):
         value = getattr(config, name)
         if value is not None and value > context:
             flag = "--" + name.replace("_", "-")
@@ -97,13 +131,17 @@ def resolve_settings(config: PruneConfig) -> ResolvedSettings:
                 f"{name} {value} is larger than the model's context of {context} tokens: use {flag} {context} or less"
             )
     is_tiny = config.model == TINY_PRESET_NAME
+    calib_data = config.calib_data or ("pydoc" if is_tiny else "c4")
     eval_seqlen = config.eval_seqlen or default_window
+    seqlen = config.seqlen or default_window
     return ResolvedSettings(
-        calib_data=config.calib_data or ("pydoc" if is_tiny else "c4"),
+        calib_data=calib_data,
         eval_data=config.eval_data or ("pydoc" if is_tiny else "wikitext2"),
-        seqlen=config.seqlen or default_window,
+        train_data=config.train_data or calib_data,
+        seqlen=seqlen,
         eval_seqlen=eval_seqlen,
         eval_stride=config.eval_stride or eval_seqlen,
+        train_seqlen=config.train_seqlen or seqlen,
         context_length=context,
     )
 
@@ -121,27 +159,92 @@ def check_output_dir(output: str | None) -> None:
         raise ConfigError(f"output {output} is not writable: choose another --output")
 
 
-def evaluate_model(loaded: LoadedModel, stream: torch.Tensor, settings: ResolvedSettings,
-                   config: PruneConfig, device: torch.device, desc: str) -> PerplexityResult:
-    return perplexity(
-        loaded.model, stream, settings.eval_seqlen, settings.eval_stride,
-        batch_size=config.eval_batch_size, max_windows=config.eval_max_windows, device=device, desc=desc,
-    )
+def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
 
 
-def prune_model(config: PruneConfig | Mapping[str, Any]) -> PruneResult:
-    """Prune one model one-shot and measure it; write `summary.json` (and the model) if asked."""
-    if not isinstance(config, PruneConfig):
-        config = PruneConfig.from_dict(config)
+# --- checkpoints -----------------------------------------------------------------------
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUME_IGNORED}
+
+
+def load_trial_state(output: Path, config: TrialConfig) -> TrialState | None:
+    """The checkpointed state of this same trial in `output`, or None to start fresh."""
+    state_file = output / CHECKPOINT_DIR / STATE_FILE
+    if not config.resume or not state_file.is_file():
+        return None
+    state = TrialState(**json.loads(state_file.read_text(encoding="utf-8")))
+    saved, wanted = _comparable(state.config), _comparable(config.to_dict())
+    if saved != wanted:
+        differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ConfigError(
+            f"{output} holds a checkpoint of a different trial (settings differ: {', '.join(differing)}): "
+            "use another --output, or --no-resume to start over"
+        )
+    return state
+
+
+def save_checkpoint(output: Path, state: TrialState, loaded: LoadedModel, masks: Masks) -> None:
+    """Write weights, masks and state to a fresh folder, then swap it in (never half-written)."""
+    from safetensors.torch import save_model
+
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output))
+    save_model(loaded.model, str(staging / "model.safetensors"))
+    save_masks(masks, staging)
+    _write_json_atomic(staging / STATE_FILE, dataclasses.asdict(state))
+    final = output / CHECKPOINT_DIR
+    old = output / ".checkpoint-old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.replace(old)
+    staging.replace(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_checkpoint(output: Path, loaded: LoadedModel) -> Masks:
+    from safetensors.torch import load_model as load_weights
+
+    load_weights(loaded.model, str(output / CHECKPOINT_DIR / "model.safetensors"))
+    return load_masks(output / CHECKPOINT_DIR)
+
+
+# --- the trial -------------------------------------------------------------------------
+
+@dataclass
+class TrialContext:
+    """What every step of a trial shares: model, data, device, timers."""
+
+    config: TrialConfig
+    settings: ResolvedSettings
+    loaded: LoadedModel
+    device: torch.device
+    eval_stream: torch.Tensor
+    calib: torch.Tensor | None
+    train_windows: torch.Tensor | None
+    timer: PhaseTimer
+
+    def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
+        return perplexity(
+            model if model is not None else self.loaded.model, self.eval_stream, self.settings.eval_seqlen,
+            self.settings.eval_stride, batch_size=self.config.eval_batch_size,
+            max_windows=self.config.eval_max_windows, device=self.device, desc=desc,
+        ).ppl
+
+
+def _prepare(config: TrialConfig) -> TrialContext:
     config.validate()
     check_output_dir(config.output)
     settings = resolve_settings(config)
     calib_source = resolve_source(settings.calib_data, "calibration")
     eval_source = resolve_source(settings.eval_data, "evaluation")
+    train_source = resolve_source(settings.train_data, "calibration") if config.recovery != "none" else None
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     timer = PhaseTimer()
-
     with timer.phase("load"):
         loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
         loaded.model.to(device)
@@ -149,71 +252,241 @@ def prune_model(config: PruneConfig | Mapping[str, Any]) -> PruneResult:
         eval_stream = token_stream(loaded.tokenizer, eval_source)
         calib = None
         if config.method != "magnitude":
-            calib_stream = token_stream(loaded.tokenizer, calib_source)
-            calib = calibration_windows(calib_stream, config.nsamples, settings.seqlen, config.seed)
-    with timer.phase("eval_dense"):
-        dense = evaluate_model(loaded, eval_stream, settings, config, device, "dense perplexity")
-    logger.info("dense perplexity %.3f", dense.ppl)
-    with timer.phase("prune"):
-        masks = prune(loaded.adapter, config, calib, device)
-    verify_masks(loaded.model, masks)
-    report = measure_sparsity(loaded.adapter)
-    with timer.phase("eval_pruned"):
-        pruned = evaluate_model(loaded, eval_stream, settings, config, device, "pruned perplexity")
-    logger.info("pruned perplexity %.3f at sparsity %.4f", pruned.ppl, report.overall)
+            calib = calibration_windows(token_stream(loaded.tokenizer, calib_source), config.nsamples,
+                                        settings.seqlen, config.seed)
+        train_windows = None
+        if train_source is not None:
+            # A different seed than calibration, so training does not just replay the calibration windows.
+            train_windows = calibration_windows(token_stream(loaded.tokenizer, train_source), config.train_samples,
+                                                settings.train_seqlen, config.seed + 1)
+    return TrialContext(config, settings, loaded, device, eval_stream, calib, train_windows, timer)
 
+
+def _train_settings(config: TrialConfig, device: torch.device):
+    from .recover.training import TrainSettings
+
+    bf16 = config.bf16 in (True, "true") or (config.bf16 == "auto" and device.type == "cuda"
+                                               and torch.cuda.is_bf16_supported())
+    return TrainSettings(
+        lr=config.effective_lr(), epochs=config.epochs_per_iteration, batch_size=config.batch_size,
+        max_steps_per_epoch=config.effective_max_steps(), grad_accum=config.grad_accum,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, bf16=bf16,
+        early_stopping_patience=config.early_stopping_patience, keep_best=config.keep_best, seed=config.seed,
+    )
+
+
+def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: float) -> dict[str, Any]:
+    """Run the configured recovery; return what the iteration record needs."""
+    config = ctx.config
+    settings = _train_settings(config, ctx.device)
+    if config.recovery == "lora":
+        from .recover.lora import LoraSettings, train_lora
+
+        adapter_dir = Path(config.output) / "adapters" / f"iter_{iteration:03d}" if config.output else None
+        outcome = train_lora(
+            ctx.loaded.model, masks, ctx.train_windows, settings,
+            LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets),
+            lambda model: ctx.evaluate(model, "perplexity (LoRA)"), adapter_dir=adapter_dir,
+            device=ctx.device, baseline_ppl=ppl_after_prune,
+        )
+        ctx.loaded.model = outcome.model
+        ctx.loaded.adapter = get_adapter(outcome.model)
+        return {"train": outcome.train, "ppl_after_train": outcome.ppl_masked_merge,
+                "ppl_with_adapter": outcome.ppl_with_adapter, "adapter_dir": outcome.adapter_dir}
+    if config.workers > 1:
+        from .recover.distributed import EvalSpec, train_masked_distributed
+
+        storage = Path(config.output).resolve() / "ray_train" if config.output else Path(tempfile.mkdtemp())
+        result = train_masked_distributed(
+            ctx.loaded.model, masks, ctx.train_windows, settings,
+            EvalSpec(ctx.eval_stream, ctx.settings.eval_seqlen, ctx.settings.eval_stride,
+                     config.eval_batch_size, config.eval_max_windows),
+            workers=config.workers, storage_path=str(storage), run_name=f"recovery-iter{iteration:03d}",
+            use_gpu=ctx.device.type == "cuda",
+        )
+        return {"train": result, "ppl_after_train": result.final_ppl}
+    from .recover.masked import train_masked
+
+    result = train_masked(ctx.loaded.model, masks, ctx.train_windows, settings,
+                          lambda: ctx.evaluate(desc="perplexity (epoch)"), device=ctx.device,
+                          baseline_ppl=ppl_after_prune)
+    return {"train": result, "ppl_after_train": result.final_ppl}
+
+
+def _combine(previous: Masks | None, new: Masks) -> Masks:
+    """Pruned stays pruned: a later step can only add zeros to an earlier step's mask."""
+    if previous is None:
+        return new
+    return {name: mask & previous[name] for name, mask in new.items()}
+
+
+def recovery_pct(before: float, after_prune: float, after_train: float) -> float | None:
+    """Share of the perplexity lost to pruning that training won back (100 = all of it)."""
+    lost = after_prune - before
+    if not math.isfinite(lost) or lost <= 0:
+        return None
+    return 100.0 * (after_prune - after_train) / lost
+
+
+def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None = None) -> TrialResult:
+    """Run one trial (one-shot or iterative, with or without recovery) and return its summary."""
+    if not isinstance(config, TrialConfig):
+        config = TrialConfig.from_dict(config)
+    ctx = _prepare(config)
+    output = Path(config.output) if config.output else None
+    state = load_trial_state(output, config) if output else None
+    masks: Masks | None = None
+    if state is not None:
+        masks = restore_checkpoint(output, ctx.loaded)
+        ctx.timer = PhaseTimer(state.timings_s)
+        logger.info("resuming %s after iteration %d of %d", output, state.completed, len(state.levels))
+    else:
+        with ctx.timer.phase("eval_dense"):
+            ppl_dense = ctx.evaluate(desc="dense perplexity")
+        logger.info("dense perplexity %.4f", ppl_dense)
+        start = measure_sparsity(ctx.loaded.adapter).overall
+        levels = sparsity_schedule(config.schedule, config.pattern.ratio, config.prune_percentage,
+                                   start, config.max_iterations)
+        state = TrialState(config=config.to_dict(), levels=levels, ppl_dense=ppl_dense, start_sparsity=start)
+
+    for index in range(state.completed, len(state.levels)):
+        record, masks = _run_iteration(ctx, state, index, masks)
+        state.history.append(record)
+        state.completed = index + 1
+        state.timings_s = ctx.timer.seconds
+        if output and state.completed < len(state.levels):
+            save_checkpoint(output, state, ctx.loaded, masks)
+        if reporter is not None:
+            reporter(dict(record))
+    if masks is None:  # nothing left to do (a resumed, finished trial)
+        masks = masks_from_weights(ctx.loaded.adapter)
+    verify_masks(ctx.loaded.model, masks)
+    summary = build_summary(ctx, state)
+    if output:
+        with ctx.timer.phase("save"):
+            write_outputs(output, summary, ctx.loaded, masks, save_model=config.save)
+        summary["timings_s"] = ctx.timer.seconds
+        _write_json_atomic(output / SUMMARY_FILE, summary)
+        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)  # finished: the summary (and model/) remain
+    return TrialResult(summary=summary, loaded=ctx.loaded, masks=masks)
+
+
+prune_model = run_trial  # the one-shot entry point of the pruning foundation; same code path
+
+
+def _run_iteration(ctx: TrialContext, state: TrialState, index: int,
+                   previous: Masks | None) -> tuple[dict[str, Any], Masks]:
+    """Prune to the step's level, evaluate, recover, evaluate: one record of the history."""
+    config = ctx.config
+    level = state.levels[index]
+    started = time.perf_counter()
+    step_config = config if config.pattern.is_nm else dataclasses.replace(config, sparsity=repr(level))
+    before = state.history[-1]["ppl_after_train"] if state.history else state.ppl_dense
+    with ctx.timer.phase("prune"):
+        masks = _combine(previous, prune(ctx.loaded.adapter, step_config, ctx.calib, ctx.device))
+        apply_masks(ctx.loaded.model, masks)
+    with ctx.timer.phase("eval_pruned"):
+        ppl_after_prune = ctx.evaluate(desc=f"perplexity after pruning ({index + 1}/{len(state.levels)})")
+    record: dict[str, Any] = {"iteration": index + 1, "target_sparsity": level}
+    if config.recovery != "none":
+        from .recover.training import TrainingDiverged
+
+        try:
+            with ctx.timer.phase("recover"):
+                recovered = _recover(ctx, masks, index + 1, ppl_after_prune)
+        except TrainingDiverged as exc:
+            _record_failure(ctx, state, index, str(exc))
+            raise TrialFailed(f"trial failed at iteration {index + 1}: {exc}; "
+                              f"{index} finished iteration(s) kept") from None
+        train = recovered.pop("train")
+        record.update(recovered)
+        record.update(train_loss=train.train_loss, steps=train.steps, epochs=[dataclasses.asdict(e) for e in train.epochs],
+                      best_epoch=train.best_epoch, stopped_early=train.stopped_early)
+    else:
+        record["ppl_after_train"] = ppl_after_prune
+    verify_masks(ctx.loaded.model, masks)
+    report = measure_sparsity(ctx.loaded.adapter)
+    record.update(
+        sparsity=report.overall, ppl_after_prune=ppl_after_prune, ppl_before=before,
+        recovery_pct=recovery_pct(before, ppl_after_prune, record["ppl_after_train"]),
+        time_s=round(time.perf_counter() - started, 3), peak_memory_mb=round(peak_memory_mb(ctx.device), 1),
+    )
+    logger.info("iteration %d/%d: sparsity %.4f, ppl after pruning %.4f, after training %.4f",
+                index + 1, len(state.levels), report.overall, ppl_after_prune, record["ppl_after_train"])
+    return record, masks
+
+
+def _record_failure(ctx: TrialContext, state: TrialState, index: int, reason: str) -> None:
+    """Leave a failed summary beside the last good checkpoint; never write the diverged weights."""
+    if not ctx.config.output:
+        return
+    output = Path(ctx.config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(output / SUMMARY_FILE, {
+        "status": "failed", "failed_iteration": index + 1, "error": reason, "history": state.history,
+        "ppl_dense": state.ppl_dense, "config": ctx.config.to_dict(),
+    })
+
+
+def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
+    config, settings, loaded = ctx.config, ctx.settings, ctx.loaded
+    report = measure_sparsity(loaded.adapter)
+    last = state.history[-1] if state.history else {}
+    finals = [h["ppl_after_train"] for h in state.history if h["ppl_after_train"] is not None]
+    ppl_final = last.get("ppl_after_train", state.ppl_dense)
     summary: dict[str, Any] = {
+        "status": "completed",
         "model": config.model,
         "model_path": loaded.path,
         "family": loaded.adapter.family,
         "method": config.method,
         "pattern": config.pattern.label,
+        "schedule": config.schedule,
+        "recovery": config.recovery,
         "sparsity_target": config.pattern.ratio,
         "sparsity_measured": report.overall,
-        "ppl_dense": dense.ppl,
-        "ppl_pruned": pruned.ppl,
-        "ppl_change_pct": 100.0 * (pruned.ppl - dense.ppl) / dense.ppl,
+        "iterations": len(state.history),
+        "ppl_dense": state.ppl_dense,
+        "ppl_pruned": last.get("ppl_after_prune", state.ppl_dense),
+        "ppl_final": ppl_final,
+        "ppl_best": min(finals) if finals else None,
+        "ppl_change_pct": 100.0 * (ppl_final - state.ppl_dense) / state.ppl_dense,
+        "history": state.history,
         "per_layer": report.to_dict()["per_layer"],
         "per_weight": report.per_weight,
         "params_prunable": report.total_params,
         "params_zero": report.zero_params,
-        "timings_s": timer.seconds,
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "timings_s": ctx.timer.seconds,
+        "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
         "protocol": {
-            "eval_data": eval_source.describe(),
+            "eval_data": resolve_source(settings.eval_data, "evaluation").describe(),
             "eval_seqlen": settings.eval_seqlen,
             "eval_stride": settings.eval_stride,
-            "eval_windows": pruned.windows,
-            "eval_tokens_scored": pruned.tokens_scored,
-            "calib_data": calib_source.describe() if calib is not None else None,
-            "nsamples": config.nsamples if calib is not None else 0,
+            "eval_windows": len(range(0, ctx.eval_stream.numel() - settings.eval_seqlen + 1, settings.eval_stride))
+            if not config.eval_max_windows else min(config.eval_max_windows, len(range(
+                0, ctx.eval_stream.numel() - settings.eval_seqlen + 1, settings.eval_stride))),
+            "calib_data": resolve_source(settings.calib_data, "calibration").describe() if ctx.calib is not None else None,
+            "nsamples": config.nsamples if ctx.calib is not None else 0,
             "seqlen": settings.seqlen,
+            "train_data": resolve_source(settings.train_data, "calibration").describe()
+            if ctx.train_windows is not None else None,
+            "train_samples": config.train_samples if ctx.train_windows is not None else 0,
+            "train_seqlen": settings.train_seqlen,
             "seed": config.seed,
             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-            "device": str(device),
+            "device": str(ctx.device),
             "context_length": settings.context_length,
         },
         "versions": {"raysparse": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
         "config": config.to_dict(),
     }
-    if config.output:
-        with timer.phase("save"):
-            write_outputs(Path(config.output), summary, loaded, masks, save_model=config.save)
-        summary["timings_s"] = timer.seconds
-        _write_json_atomic(Path(config.output) / SUMMARY_FILE, summary)
-    return PruneResult(summary=summary, loaded=loaded, masks=masks)
+    return summary
 
 
 def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
 
 
 def write_outputs(output: Path, summary: dict[str, Any], loaded: LoadedModel, masks: Masks,
