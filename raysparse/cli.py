@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from .config import METHODS, PruneConfig
+from .config import METHODS, RECOVERIES, SCHEDULES, PruneConfig
 from .errors import RaysparseError
 
 EXIT_USAGE = 2
@@ -27,7 +27,8 @@ def build_prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON/YAML file of settings (e.g. a search's best_config.json); flags override it")
     p.add_argument("--model", help="hub id, local folder, or 'tiny' (offline preset)", default=None)
     p.add_argument("--method", choices=METHODS, default=None, help=f"pruning method (default {defaults.method})")
-    p.add_argument("--sparsity", default=None, help=f"fraction in [0,1) or N:M such as 2:4 (default {defaults.sparsity})")
+    p.add_argument("--sparsity", "--target-sparsity", dest="sparsity", default=None,
+                   help=f"final sparsity: fraction in [0,1) or N:M such as 2:4 (default {defaults.sparsity})")
     p.add_argument("--magnitude-scope", choices=("layer", "global"), default=None)
     p.add_argument("--calib-data", default=None, help="wikitext2 | c4 | ptb | pydoc | PATH (.txt/.jsonl)")
     p.add_argument("--eval-data", default=None, help="wikitext2 | c4 | ptb | pydoc | PATH (.txt/.jsonl)")
@@ -46,6 +47,37 @@ def build_prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="folder for summary.json (and the model with --save)")
     p.add_argument("--save", action="store_true", default=None, help="save the pruned model (safetensors)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    s = p.add_argument_group("schedule")
+    s.add_argument("--schedule", choices=SCHEDULES, default=None, help="oneshot (default) or iterative")
+    s.add_argument("--prune-percentage", type=float, default=None,
+                   help=f"iterative: fraction of the remaining weights removed per iteration (default {defaults.prune_percentage})")
+    s.add_argument("--max-iterations", type=int, default=None, help=f"iterative: safety bound (default {defaults.max_iterations})")
+    r = p.add_argument_group("recovery")
+    r.add_argument("--recovery", choices=RECOVERIES, default=None, help="none (default), masked or lora")
+    r.add_argument("--epochs-per-iteration", "--epochs", dest="epochs_per_iteration", type=int, default=None)
+    r.add_argument("--lr", type=float, default=None, help=f"learning rate (default {defaults.lr}); base lr with --batch-scaled")
+    r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--max-steps", type=int, default=None, help="optimizer steps per epoch at most")
+    r.add_argument("--grad-accum", type=int, default=None)
+    r.add_argument("--warmup-steps", type=int, default=None)
+    r.add_argument("--weight-decay", type=float, default=None)
+    r.add_argument("--train-data", default=None, help="training text: wikitext2 | c4 | ptb | pydoc | PATH (default: calibration data)")
+    r.add_argument("--train-samples", type=int, default=None, help="training windows")
+    r.add_argument("--train-seqlen", type=int, default=None)
+    r.add_argument("--batch-scaled", action="store_true", default=None,
+                   help="batch-size-aware rule: lr = lr*sqrt(batch), steps = total_samples/batch")
+    r.add_argument("--total-samples", type=int, default=None, help="with --batch-scaled, e.g. 10000")
+    r.add_argument("--early-stopping-patience", type=int, default=None, help="epochs without perplexity gain")
+    r.add_argument("--no-keep-best", dest="keep_best", action="store_false", default=None,
+                   help="keep the last epoch instead of the best one")
+    r.add_argument("--bf16", choices=("auto", "true", "false"), default=None)
+    r.add_argument("--lora-r", type=int, default=None)
+    r.add_argument("--lora-alpha", type=int, default=None)
+    r.add_argument("--lora-dropout", type=float, default=None)
+    r.add_argument("--lora-target-modules", default=None, help="comma-separated linear names (default q_proj,v_proj)")
+    r.add_argument("--workers", type=int, default=None, help="Ray Train FSDP workers for masked recovery (1 = in-process)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="start over even if --output holds a checkpoint of this trial")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     return p
 
@@ -64,7 +96,10 @@ def format_prune_report(summary: dict[str, Any]) -> str:
         f"model            {summary['model']} ({summary['family']})",
         f"method           {summary['method']}  pattern {summary['pattern']}  target {summary['sparsity_target']:.4f}",
         f"ppl dense        {summary['ppl_dense']:.4f}",
-        f"ppl pruned       {summary['ppl_pruned']:.4f}  ({summary['ppl_change_pct']:+.2f}%)",
+        f"ppl pruned       {summary['ppl_pruned']:.4f}",
+        f"ppl final        {summary['ppl_final']:.4f}  ({summary['ppl_change_pct']:+.2f}% vs unpruned)"
+        + (f"  best {summary['ppl_best']:.4f}" if summary.get("ppl_best") is not None else ""),
+        f"iterations       {summary['iterations']} ({summary['schedule']}, recovery {summary['recovery']})",
         f"sparsity         {summary['sparsity_measured']:.4f} measured from the weights "
         f"({summary['params_zero']:,} / {summary['params_prunable']:,})",
         "per layer        " + "  ".join(f"{k}:{v:.3f}" for k, v in summary["per_layer"].items()),
@@ -72,19 +107,36 @@ def format_prune_report(summary: dict[str, Any]) -> str:
         f"peak memory      {summary['peak_memory_mb']:.0f} MB",
     ]
     protocol = summary["protocol"]
+    calib = (f"calib {protocol['calib_data']} x{protocol['nsamples']} seqlen {protocol['seqlen']}"
+             if protocol["calib_data"] else "no calibration")
+    train = (f"; train {protocol['train_data']} x{protocol['train_samples']} seqlen {protocol['train_seqlen']}"
+             if protocol.get("train_data") else "")
     lines.append(
         f"protocol         eval {protocol['eval_data']} window {protocol['eval_seqlen']} stride {protocol['eval_stride']}"
-        f" ({protocol['eval_windows']} windows); calib {protocol['calib_data']} x{protocol['nsamples']}"
-        f" seqlen {protocol['seqlen']} seed {protocol['seed']}"
+        f" ({protocol['eval_windows']} windows); {calib}{train}; seed {protocol['seed']}, {protocol['dtype']}"
     )
     if summary.get("saved_model"):
         lines.append(f"saved model      {summary['saved_model']}")
     return "\n".join(lines)
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return code
+
+
+def format_iteration(record: dict[str, Any]) -> str:
+    """One line per finished iteration, as users print by hand today."""
+    parts = [f"iter {record['iteration']:>3}", f"sparsity {record['sparsity']:.4f}",
+             f"ppl after prune {record['ppl_after_prune']:.4f}", f"after train {record['ppl_after_train']:.4f}"]
+    if record.get("recovery_pct") is not None:
+        parts.append(f"recovered {record['recovery_pct']:.1f}%")
+    if record.get("ppl_with_adapter") is not None:
+        parts.append(f"with adapter {record['ppl_with_adapter']:.4f}")
+    if record.get("train_loss") is not None:
+        parts.append(f"loss {record['train_loss']:.4f}")
+    parts.append(f"{record['time_s']:.1f}s")
+    return "  ".join(parts)
 
 
 def prune_main(argv: Sequence[str] | None = None) -> int:
@@ -93,9 +145,11 @@ def prune_main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
-        from .trial import prune_model
+        from .trial import TrialFailed, run_trial
 
-        result = prune_model(config)
+        result = run_trial(config, reporter=lambda record: print(format_iteration(record), flush=True))
+    except TrialFailed as exc:
+        return fail(str(exc), code=1)
     except RaysparseError as exc:
         return fail(str(exc))
     print(format_prune_report(result.summary))

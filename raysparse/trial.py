@@ -432,8 +432,10 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
     config, settings, loaded = ctx.config, ctx.settings, ctx.loaded
     report = measure_sparsity(loaded.adapter)
     last = state.history[-1] if state.history else {}
-    finals = [h["ppl_after_train"] for h in state.history if h["ppl_after_train"] is not None]
     ppl_final = last.get("ppl_after_train", state.ppl_dense)
+    # Best at the target: the final iteration's best epoch (with keep_best this is ppl_final).
+    at_target = [e["ppl"] for e in last.get("epochs", []) if e.get("ppl") is not None] + [ppl_final]
+    best_iteration = min(state.history, key=lambda h: h["ppl_after_train"], default=None)
     summary: dict[str, Any] = {
         "status": "completed",
         "model": config.model,
@@ -449,7 +451,9 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
         "ppl_dense": state.ppl_dense,
         "ppl_pruned": last.get("ppl_after_prune", state.ppl_dense),
         "ppl_final": ppl_final,
-        "ppl_best": min(finals) if finals else None,
+        "ppl_best": min(at_target),
+        "best_iteration": {k: best_iteration[k] for k in ("iteration", "sparsity", "ppl_after_train")}
+        if best_iteration else None,
         "ppl_change_pct": 100.0 * (ppl_final - state.ppl_dense) / state.ppl_dense,
         "history": state.history,
         "per_layer": report.to_dict()["per_layer"],

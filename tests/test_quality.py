@@ -53,3 +53,18 @@ def test_perplexity_rises_with_sparsity_on_stories260k(tmp_path):
         dense = summary["ppl_dense"]
     assert 3 < dense < 10  # the README of stories260K gives 5.3 on the full file at window 512
     assert dense < ppls[0] < ppls[1] < ppls[2]
+
+
+def test_recovery_helps_and_iterative_beats_oneshot_at_80_percent(tiny_preset):
+    common = dict(method="magnitude", sparsity="0.8", eval_max_windows=30)
+    oneshot = prune_model(PruneConfig(**common)).summary
+    iterative = prune_model(PruneConfig(
+        **common, schedule="iterative", prune_percentage=0.3, recovery="masked", lr=1e-3, batch_size=8,
+        train_samples=64, max_steps=8,
+    )).summary
+    assert iterative["iterations"] == 5
+    last = iterative["history"][-1]
+    assert last["ppl_after_train"] < last["ppl_after_prune"]  # recovery won perplexity back
+    assert last["recovery_pct"] > 0
+    assert iterative["sparsity_measured"] == pytest.approx(0.8, abs=1e-4)
+    assert iterative["ppl_final"] < oneshot["ppl_final"]

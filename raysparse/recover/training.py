@@ -128,10 +128,11 @@ def fit(
             batch = batch.to(device)
             with autocast:
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {float(loss)} at epoch {epoch + 1}, step {steps + 1}")
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss became {loss_value} at epoch {epoch + 1}, step {steps + 1}")
             (loss / settings.grad_accum).backward()
-            losses.append(float(loss))
+            losses.append(loss_value)
             batches += 1
             if batches % settings.grad_accum:
                 continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -76,8 +77,7 @@ def model_cases(names: list[str]) -> list[dict]:
                 print(f"skipping stories260K: {model_dir} absent")
                 continue
             text = text_file.read_text(encoding="utf-8")
-            split = HERE / "results" / "_stories_split"
-            split.mkdir(parents=True, exist_ok=True)
+            split = Path(tempfile.mkdtemp(prefix="raysparse-bench-"))
             (split / "calib.txt").write_text(text[: len(text) // 4], encoding="utf-8")
             (split / "eval.txt").write_text(text[len(text) // 4:], encoding="utf-8")
             cases.append({"name": "stories260K", "model": str(model_dir), "calib": str(split / "calib.txt"),
