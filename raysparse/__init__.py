@@ -3,17 +3,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["PruneConfig", "prune_model", "__version__"]
+__all__ = ["PruneConfig", "TrialConfig", "prune_model", "run_trial", "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy so `import raysparse` stays cheap (torch/transformers load on first use).
-    if name == "PruneConfig":
-        from .config import PruneConfig
+    if name in ("PruneConfig", "TrialConfig"):
+        from . import config
 
-        return PruneConfig
-    if name == "prune_model":
-        from .trial import prune_model
+        return getattr(config, name)
+    if name in ("prune_model", "run_trial"):
+        from . import trial
 
-        return prune_model
+        return getattr(trial, name)
     raise AttributeError(name)
