@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoint"
+RAY_TRAIN_DIR = "ray_train"  # per-epoch checkpoints of distributed recovery
 STATE_FILE = "state.json"
 # Settings that may change between an interrupted run and its resumption.
 RESUME_IGNORED = ("output", "save", "resume", "device", "eval_batch_size")
@@ -296,7 +297,7 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
     if config.workers > 1:
         from .recover.distributed import EvalSpec, train_masked_distributed
 
-        storage = Path(config.output).resolve() / "ray_train" if config.output else Path(tempfile.mkdtemp())
+        storage = Path(config.output).resolve() / RAY_TRAIN_DIR if config.output else Path(tempfile.mkdtemp())
         result = train_masked_distributed(
             ctx.loaded.model, masks, ctx.train_windows, settings,
             EvalSpec(ctx.eval_stream, ctx.settings.eval_seqlen, ctx.settings.eval_stride,
@@ -341,6 +342,8 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
         ctx.timer = PhaseTimer(state.timings_s)
         logger.info("resuming %s after iteration %d of %d", output, state.completed, len(state.levels))
     else:
+        if output:  # a fresh start: epoch checkpoints of an earlier run must not be resumed
+            shutil.rmtree(output / RAY_TRAIN_DIR, ignore_errors=True)
         with ctx.timer.phase("eval_dense"):
             ppl_dense = ctx.evaluate(desc="dense perplexity")
         logger.info("dense perplexity %.4f", ppl_dense)
@@ -367,7 +370,8 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
             write_outputs(output, summary, ctx.loaded, masks, save_model=config.save)
         summary["timings_s"] = ctx.timer.seconds
         _write_json_atomic(output / SUMMARY_FILE, summary)
-        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)  # finished: the summary (and model/) remain
+        for leftover in (CHECKPOINT_DIR, RAY_TRAIN_DIR):  # finished: the summary (and model/) remain
+            shutil.rmtree(output / leftover, ignore_errors=True)
     return TrialResult(summary=summary, loaded=ctx.loaded, masks=masks)
 
 
