@@ -1,0 +1,316 @@
+"""The search: Ray Tune + Optuna over trial settings, with milestone-fair early stopping.
+
+Every trial runs `run_trial` (the same code path as `launch/prune.py`) inside a Tune
+function trainable and reports each finished pruning iteration. Early stopping compares
+trials at equal *sparsity milestones* (ASHA with `sparsity_pct` as its time attribute):
+an iterative trial with p=0.1 and one with p=0.3 reach 40% sparsity at different
+iteration numbers, and comparing them at equal iteration counts would punish the smooth
+schedule for being slow, not for being bad.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrialConfig
+from .errors import ConfigError, RaysparseError
+from .space import SearchSpace, load_space, parse_space
+
+logger = logging.getLogger(__name__)
+
+SEARCH_STATE_FILE = "raysparse_search.json"
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+BEST_CONFIG_FILE = "best_config.json"
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml"
+
+# Objective name -> (metrics, modes). The first is single-objective (ASHA applies).
+OBJECTIVES: dict[str, tuple[list[str], list[str]]] = {
+    "final_ppl": (["final_ppl"], ["min"]),
+    "ppl_vs_compute": (["final_ppl", "train_steps_total"], ["min", "min"]),
+}
+
+
+@dataclass
+class SearchSettings:
+    """How to run a search (what to search lives in the space file)."""
+
+    objective: str = "final_ppl"
+    space: str = str(DEFAULT_SPACE)
+    num_samples: int = 8
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None
+    storage: str = "runs"
+    name: str | None = None
+    seed: int = 0
+    max_failures: int = 1
+    early_stopping: bool = True
+    grace_sparsity_pct: int = 20
+    searcher: str = "optuna"  # or "random" (the baseline a model-based search must beat)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "SearchSettings":
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective '{self.objective}': choose one of {', '.join(OBJECTIVES)}")
+        if self.num_samples < 1 or self.max_concurrent < 1:
+            raise ConfigError("--num-samples and --max-concurrent must be >= 1")
+        if self.cpus_per_trial <= 0:
+            raise ConfigError("--cpus-per-trial must be > 0 (a Tune trial cannot hold zero CPUs; use e.g. 0.2)")
+        if self.searcher not in ("optuna", "random"):
+            raise ConfigError(f"unknown searcher '{self.searcher}': choose optuna or random")
+        return self
+
+
+def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
+    """What each Tune report carries: the objective on every report (strict metric checking)."""
+    return {
+        "final_ppl": float(record["ppl_after_train"]),
+        "ppl_after_prune": float(record["ppl_after_prune"]),
+        "sparsity": float(record["sparsity"]),
+        "sparsity_pct": int(math.floor(100 * record["sparsity"] + 1e-6)),
+        "iteration": int(record["iteration"]),
+        "train_steps_total": int(steps_so_far),
+        "recovery_pct": record.get("recovery_pct"),
+    }
+
+
+def search_trainable(params: dict[str, Any], space: SearchSpace) -> None:
+    """Tune function trainable: one raysparse trial; its output lives in the Tune trial dir."""
+    from ray import tune
+
+    from .trial import run_trial
+
+    config = space.sample_config(params)
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    config = dataclasses.replace(config, output=str(trial_dir / "trial"), resume=True)
+    steps = {"total": 0}
+
+    def report(record: dict[str, Any]) -> None:
+        steps["total"] += int(record.get("steps") or 0)
+        tune.report(_trial_metrics(record, steps["total"]))
+
+    result = run_trial(config, reporter=report)
+    summary = result.summary
+    final = _trial_metrics(summary["history"][-1], steps["total"])
+    final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"])
+    tune.report(final)
+
+
+def _make_searcher(space: SearchSpace, settings: SearchSettings):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    metrics, modes = OBJECTIVES[settings.objective]
+    if settings.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    elif len(metrics) > 1:
+        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+    searcher = OptunaSearch(
+        space=space.optuna_define_by_run(), metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
+
+
+def _make_scheduler(settings: SearchSettings):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    metrics, modes = OBJECTIVES[settings.objective]
+    if not settings.early_stopping or len(metrics) > 1:
+        return FIFOScheduler()
+    # max_t above any sparsity_pct: ASHA must never cut a trial for "running out of time".
+    return ASHAScheduler(time_attr="sparsity_pct", metric=metrics[0], mode=modes[0], max_t=101,
+                         grace_period=settings.grace_sparsity_pct, reduction_factor=2)
+
+
+def _connect(settings: SearchSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if settings.address:
+            ray.init(address=settings.address, log_to_driver=False)
+        else:
+            ray.init(log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot connect to a Ray cluster at '{settings.address}': {str(exc).splitlines()[0]} "
+            "(start one with `ray start --head` or drop --address to run locally)"
+        ) from None
+
+
+def _check_resources(settings: SearchSettings) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    if settings.gpus_per_trial > 0 and resources.get("GPU", 0) < settings.gpus_per_trial:
+        raise ConfigError(
+            f"--gpus-per-trial {settings.gpus_per_trial:g} but the cluster has {resources.get('GPU', 0):g} GPUs: "
+            "trials would wait forever; use --gpus-per-trial 0 or add GPU nodes"
+        )
+    if resources.get("CPU", 0) < settings.cpus_per_trial:
+        raise ConfigError(
+            f"--cpus-per-trial {settings.cpus_per_trial:g} but the cluster has {resources.get('CPU', 0):g} CPUs"
+        )
+
+
+def _storage_root(settings: SearchSettings) -> str:
+    if "://" in settings.storage:
+        return settings.storage
+    root = Path(settings.storage).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".raysparse-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"storage path {root} cannot be written ({exc.strerror}): choose another --storage") from None
+    return str(root)
+
+
+def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a search; write the results table and the best config; return a report."""
+    from ray import tune
+
+    if resume:
+        state_file = Path(resume) / SEARCH_STATE_FILE
+        if not state_file.is_file():
+            raise ConfigError(f"{resume} is not a raysparse search folder (no {SEARCH_STATE_FILE})")
+        saved = json.loads(state_file.read_text())
+        settings = SearchSettings(**saved["settings"]).validate()
+        space = parse_space(saved["space"], source=saved["space"].get("source"))
+        experiment = Path(resume).resolve()
+    else:
+        settings.validate()
+        space = load_space(settings.space)
+        name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
+        experiment = Path(_storage_root(settings)) / name
+    _connect(settings)
+    _check_resources(settings)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(search_trainable, space=space),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+    )
+    started = time.perf_counter()
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        experiment.mkdir(parents=True, exist_ok=True)
+        (experiment / SEARCH_STATE_FILE).write_text(json.dumps(
+            {"settings": dataclasses.asdict(settings), "space": space.to_dict()}, indent=2, default=str))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_make_searcher(space, settings),
+                                        scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
+                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+        )
+    grid = tuner.fit()
+    report = summarise_results(grid, space, settings, experiment)
+    report["wall_s"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _trial_status(result, target: float) -> str:
+    if result.error is not None:
+        return "error"
+    metrics = result.metrics or {}
+    if metrics.get("completed"):
+        return "completed"
+    return "stopped"  # cut by the early-stopping scheduler before reaching the target
+
+
+def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experiment: Path) -> dict[str, Any]:
+    """One row per trial (config, metrics, status, error) as CSV + Parquet; the best config as JSON."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    metrics_names, modes = OBJECTIVES[settings.objective]
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        params = {k: v for k, v in (result.config or {}).items() if k in space.params}
+        try:
+            target = space.sample_config(result.config or {}).pattern.ratio
+        except RaysparseError:
+            target = float("nan")
+        row = {
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "status": _trial_status(result, target),
+            "error": error_reason(result.error) if result.error else None,
+            **{f"param_{k}": v for k, v in params.items()},
+            **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
+                                            "train_steps_total", "ppl_after_prune", "recovery_pct")},
+            "path": result.path,
+        }
+        rows.append(row)
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (not k.startswith(("trial", "status")), k))
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    pq.write_table(table, experiment / RESULTS_PARQUET)
+    pacsv.write_csv(table, experiment / RESULTS_CSV)
+
+    completed = [r for r in rows if r["status"] == "completed" and r["final_ppl"] is not None]
+    best = min(completed, key=lambda r: r["final_ppl"]) if completed else None
+    pareto = pareto_front(completed, metrics_names) if len(metrics_names) > 1 else None
+    best_config_path = None
+    if best is not None:
+        best_params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_")}
+        config = space.sample_config(best_params).to_dict()
+        config["output"] = None
+        best_config_path = experiment / BEST_CONFIG_FILE
+        best_config_path.write_text(json.dumps(config, indent=2))
+    return {"experiment": str(experiment), "rows": rows, "best": best, "pareto": pareto,
+            "best_config": str(best_config_path) if best_config_path else None}
+
+
+def error_reason(error: BaseException) -> str:
+    """The user-facing reason of a failed trial: the last line of Ray's wrapped traceback."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def pareto_front(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+    """Rows not dominated on every (minimised) metric."""
+    def dominates(a, b):
+        return all(a[m] <= b[m] for m in metrics) and any(a[m] < b[m] for m in metrics)
+
+    return [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'trial':<16} {'status':<10} {'final_ppl':>10} {'sparsity':>8}  params"]
+    for row in sorted(report["rows"], key=lambda r: (r["final_ppl"] is None, r["final_ppl"] or 0)):
+        params = " ".join(f"{k[6:]}={_fmt(v)}" for k, v in row.items() if k.startswith("param_"))
+        ppl = f"{row['final_ppl']:.4f}" if row["final_ppl"] is not None else "-"
+        sparsity = f"{row['sparsity']:.4f}" if row["sparsity"] is not None else "-"
+        lines.append(f"{row['trial_id']:<16} {row['status']:<10} {ppl:>10} {sparsity:>8}  {params}"
+                     + (f"  error: {row['error']}" if row["error"] else ""))
+    if report["best"]:
+        lines.append(f"best: {report['best']['trial_id']} final_ppl {report['best']['final_ppl']:.4f}")
+        lines.append(f"best config: {report['best_config']}  (re-run: python launch/prune.py --config {report['best_config']})")
+    else:
+        lines.append("no trial completed")
+    if report.get("pareto"):
+        lines.append("pareto set (final_ppl vs train steps): " + ", ".join(
+            f"{r['trial_id']} ({r['final_ppl']:.3f}, {r['train_steps_total']})" for r in report["pareto"]))
+    lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,93 @@
+"""A real Ray Tune + Optuna search on the tiny preset: results, errors, best config re-run."""
+import json
+
+import pytest
+import ray
+
+from raysparse.cli import prune_main, search_main
+from raysparse.config import TrialConfig
+from raysparse.errors import ConfigError
+from raysparse.search import SearchSettings, pareto_front, run_search
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+description: test space (tiny, 2-3 iterations, a LoRA target that may not exist)
+fixed:
+  model: tiny
+  method: magnitude
+  schedule: iterative
+  sparsity: 0.5
+  train_samples: 16
+  max_steps: 2
+  batch_size: 8
+  eval_max_windows: 6
+params:
+  prune_percentage: {uniform: [0.25, 0.45]}
+  lr: {loguniform: [1.0e-4, 1.0e-3]}
+  recovery: {choice: [masked, lora]}
+  lora_target_modules: {choice: ["q_proj,v_proj", "attn_qkv"], when: {recovery: lora}}
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray(tiny_preset):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search_report(local_ray, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search")
+    space = folder / "space.yaml"
+    space.write_text(SPACE)
+    settings = SearchSettings(space=str(space), num_samples=6, max_concurrent=2, storage=str(folder / "runs"),
+                              name="t", searcher="random", seed=3, early_stopping=False, max_failures=0)
+    return run_search(settings)
+
+
+def test_every_trial_has_a_row_and_errors_keep_their_reason(search_report):
+    rows = search_report["rows"]
+    assert len(rows) == 6
+    statuses = [r["status"] for r in rows]
+    assert "completed" in statuses and "error" in statuses, statuses
+    for row in rows:
+        if row["status"] == "error":
+            assert "attn_qkv not found" in row["error"]
+            assert row["param_lora_target_modules"] == "attn_qkv"
+        else:
+            assert row["final_ppl"] is not None and row["sparsity"] == pytest.approx(0.5, abs=1 / 64)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(f"{search_report['experiment']}/results.parquet")
+    assert table.num_rows == 6
+
+
+def test_best_config_reruns_to_the_same_perplexity(search_report, tmp_path, capsys):
+    best = search_report["best"]
+    assert best is not None and best["final_ppl"] == min(
+        r["final_ppl"] for r in search_report["rows"] if r["status"] == "completed")
+    config = TrialConfig.from_file(search_report["best_config"])
+    assert config.output is None and config.model == "tiny"
+    assert prune_main(["--config", search_report["best_config"], "--output", str(tmp_path / "rerun"), "-q"]) == 0
+    rerun = json.loads((tmp_path / "rerun" / "summary.json").read_text())
+    assert rerun["ppl_final"] == pytest.approx(best["final_ppl"], rel=1e-4)
+
+
+def test_pareto_front_keeps_only_non_dominated_rows():
+    rows = [{"final_ppl": 10, "train_steps_total": 5}, {"final_ppl": 9, "train_steps_total": 8},
+            {"final_ppl": 11, "train_steps_total": 9}]
+    assert pareto_front(rows, ["final_ppl", "train_steps_total"]) == rows[:2]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--space", "/nonexistent/space.yaml"], "/nonexistent/space.yaml"),
+    (["--objective", "final_ppl", "--cpus-per-trial", "0"], "cpus-per-trial"),
+    (["--gpus-per-trial", "1"], "GPUs"),
+    (["--resume", "/tmp"], "not a raysparse search folder"),
+])
+def test_search_bad_input_is_one_line_exit_2(local_ray, args, fragment, capsys, tmp_path):
+    assert search_main(args + ["--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and fragment in err, err
