@@ -105,10 +105,32 @@ def search_trainable(params: dict[str, Any], space: SearchSpace) -> None:
     tune.report(final)
 
 
+def milestone_optuna_search_class():
+    """OptunaSearch that tells Optuna a trial stopped early at a milestone was PRUNED.
+
+    Tune reports an ASHA-stopped trial as complete with its partial value, which misleads
+    TPE into treating a 55%-sparse perplexity as a final one. This override touches
+    OptunaSearch's private `_ot_trials`/`_ot_study`/`_completed_trials` (pinned by a test).
+    """
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class MilestoneOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result and not error and not result.get("completed") and trial_id not in self._completed_trials:
+                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    return MilestoneOptunaSearch
+
+
 def _make_searcher(space: SearchSpace, settings: SearchSettings):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    OptunaSearch = milestone_optuna_search_class()
 
     metrics, modes = OBJECTIVES[settings.objective]
     if settings.searcher == "random":
@@ -206,21 +228,24 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     started = time.perf_counter()
+    searcher = None
     if resume:
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
         experiment.mkdir(parents=True, exist_ok=True)
         (experiment / SEARCH_STATE_FILE).write_text(json.dumps(
             {"settings": dataclasses.asdict(settings), "space": space.to_dict()}, indent=2, default=str))
+        searcher = _make_searcher(space, settings)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_make_searcher(space, settings),
+            tune_config=tune.TuneConfig(search_alg=searcher,
                                         scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
             run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
         )
     grid = tuner.fit()
-    report = summarise_results(grid, space, settings, experiment)
+    study = _live_study(searcher)
+    report = summarise_results(grid, space, settings, experiment, study)
     report["wall_s"] = round(time.perf_counter() - started, 2)
     return report
 
@@ -234,7 +259,14 @@ def _trial_status(result, target: float) -> str:
     return "stopped"  # cut by the early-stopping scheduler before reaching the target
 
 
-def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experiment: Path) -> dict[str, Any]:
+def _live_study(searcher):
+    """The searcher's in-memory Optuna study (fresh runs; a restored Tuner keeps its own copy)."""
+    inner = getattr(searcher, "searcher", searcher)
+    return getattr(inner, "_ot_study", None)
+
+
+def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experiment: Path,
+                      study=None) -> dict[str, Any]:
     """One row per trial (config, metrics, status, error) as CSV + Parquet; the best config as JSON."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -242,6 +274,7 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
 
     metrics_names, modes = OBJECTIVES[settings.objective]
     rows = []
+    histories: dict[str, list[dict[str, Any]]] = {}
     for result in grid:
         metrics = result.metrics or {}
         params = {k: v for k, v in (result.config or {}).items() if k in space.params}
@@ -259,6 +292,9 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             "path": result.path,
         }
         rows.append(row)
+        frame = result.metrics_dataframe
+        if frame is not None and "sparsity" in frame:
+            histories[row["trial_id"]] = frame[["sparsity", "final_ppl"]].dropna().to_dict("records")
     columns = sorted({k for row in rows for k in row}, key=lambda k: (not k.startswith(("trial", "status")), k))
     table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
     pq.write_table(table, experiment / RESULTS_PARQUET)
@@ -274,8 +310,13 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
         config["output"] = None
         best_config_path = experiment / BEST_CONFIG_FILE
         best_config_path.write_text(json.dumps(config, indent=2))
+    from .report import export_study, write_plots
+
+    plots = write_plots(experiment, histories, rows, study)
+    study_url = export_study(study, experiment) if study is not None else None
     return {"experiment": str(experiment), "rows": rows, "best": best, "pareto": pareto,
-            "best_config": str(best_config_path) if best_config_path else None}
+            "best_config": str(best_config_path) if best_config_path else None, "plots": plots,
+            "optuna_storage": study_url}
 
 
 def error_reason(error: BaseException) -> str:
@@ -309,6 +350,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("pareto set (final_ppl vs train steps): " + ", ".join(
             f"{r['trial_id']} ({r['final_ppl']:.3f}, {r['train_steps_total']})" for r in report["pareto"]))
     lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}")
+    if report.get("plots"):
+        lines.append("plots: " + ", ".join(Path(p).name for p in report["plots"]))
+    if report.get("optuna_storage"):
+        lines.append(f"optuna study: optuna-dashboard {report['optuna_storage']}")
     return "\n".join(lines)
 
 

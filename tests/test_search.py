@@ -91,3 +91,32 @@ def test_search_bad_input_is_one_line_exit_2(local_ray, args, fragment, capsys, 
     assert search_main(args + ["--storage", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and fragment in err, err
+
+
+def test_plots_and_optuna_study_are_written(search_report):
+    from pathlib import Path
+
+    names = {Path(p).name for p in search_report["plots"]}
+    assert {"ppl_vs_sparsity.png", "objective_vs_trial.png"} <= names
+    assert all(Path(p).stat().st_size > 1000 for p in search_report["plots"])
+    import optuna
+
+    study = optuna.load_study(study_name="t", storage=search_report["optuna_storage"])
+    assert len(study.trials) == 6
+
+
+def test_a_trial_stopped_at_a_milestone_reaches_optuna_as_pruned():
+    import optuna
+
+    from raysparse.search import milestone_optuna_search_class
+    from raysparse.space import parse_space
+
+    space = parse_space({"fixed": {"sparsity": 0.5}, "params": {"lr": {"loguniform": [1e-4, 1e-3]}}}, source="t")
+    searcher = milestone_optuna_search_class()(space=space.optuna_define_by_run(), metric="final_ppl", mode="min",
+                                               sampler=optuna.samplers.RandomSampler(seed=0))
+    for trial_id in ("stopped", "done"):
+        assert searcher.suggest(trial_id) is not None
+    searcher.on_trial_complete("stopped", {"final_ppl": 30.0, "completed": False})
+    searcher.on_trial_complete("done", {"final_ppl": 40.0, "completed": True})
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
