@@ -120,3 +120,4 @@ def test_a_trial_stopped_at_a_milestone_reaches_optuna_as_pruned():
     searcher.on_trial_complete("done", {"final_ppl": 40.0, "completed": True})
     states = [t.state for t in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+

@@ -1,0 +1,47 @@
+"""Driver-kill + --resume: a separate module so the killed driver owns its own local Ray."""
+import pytest
+import ray
+
+from raysparse.cli import search_main
+
+from test_search import SPACE
+
+pytestmark = pytest.mark.slow
+
+def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, tmp_path):
+    """Kill `launch/search.py` after its first finished trial; `--resume` completes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    space = tmp_path / "space.yaml"
+    masked_only = "\n".join(line for line in SPACE.splitlines() if "recovery" not in line and "lora" not in line)
+    space.write_text(masked_only.replace("fixed:\n", "fixed:\n  recovery: masked\n"))
+    root = Path(__file__).resolve().parents[1]
+    assert not ray.is_initialized()
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, str(root / "launch" / "search.py"), "--space", str(space),
+                             "--num-samples", "4", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"),
+                             "--name", "killed", "--no-early-stopping"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    experiment = tmp_path / "runs" / "killed"
+    deadline = time.time() + 240
+    finished: list[Path] = []
+    while time.time() < deadline and not finished:
+        time.sleep(1)
+        finished = [p for p in experiment.glob("*/trial/summary.json") if '"completed"' in p.read_text()]
+    assert finished, f"no trial finished before the deadline (driver exit code {proc.poll()})"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=30)
+    before = {p: p.stat().st_mtime_ns for p in finished}
+
+    try:
+        assert search_main(["--resume", str(experiment)]) == 0
+    finally:
+        ray.shutdown()
+    rows = __import__("pyarrow.csv", fromlist=["read_csv"]).read_csv(experiment / "results.csv").to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())  # not re-run
