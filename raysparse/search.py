@@ -174,10 +174,26 @@ def _connect(settings: SearchSettings) -> None:
         ) from None
 
 
-def _check_resources(settings: SearchSettings) -> None:
+def max_workers(space: SearchSpace) -> int:
+    """The largest Ray Train worker count any trial of the space can ask for."""
+    spec = space.params.get("workers")
+    if spec is None:
+        return int(space.fixed.get("workers", 1))
+    return int(max(spec.choices) if spec.kind == "choice" else spec.high)
+
+
+def _check_resources(settings: SearchSettings, space: SearchSpace) -> None:
+    """Refuse before launching what could only wait forever for resources."""
     import ray
 
     resources = ray.cluster_resources()
+    workers = max_workers(space)
+    if workers > 1 and settings.cpus_per_trial + workers > resources.get("CPU", 0):
+        raise ConfigError(
+            f"trials with workers={workers} need {settings.cpus_per_trial:g} CPU for the trial (the Train driver) plus "
+            f"{workers} for its workers, but the cluster has {resources.get('CPU', 0):g} CPUs: "
+            "lower workers, use --cpus-per-trial 0.2, or add nodes"
+        )
     if settings.gpus_per_trial > 0 and resources.get("GPU", 0) < settings.gpus_per_trial:
         raise ConfigError(
             f"--gpus-per-trial {settings.gpus_per_trial:g} but the cluster has {resources.get('GPU', 0):g} GPUs: "
@@ -221,7 +237,7 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
         experiment = Path(_storage_root(settings)) / name
     _connect(settings)
-    _check_resources(settings)
+    _check_resources(settings, space)
 
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space),

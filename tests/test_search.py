@@ -86,9 +86,18 @@ def test_pareto_front_keeps_only_non_dominated_rows():
     (["--objective", "final_ppl", "--cpus-per-trial", "0"], "cpus-per-trial"),
     (["--gpus-per-trial", "1"], "GPUs"),
     (["--resume", "/tmp"], "not a raysparse search folder"),
+    (["--storage", "/proc/raysparse"], "cannot be written"),
+    (["--space", "WORKERS_SPACE"], "workers=4 need 1 CPU for the trial"),
 ])
 def test_search_bad_input_is_one_line_exit_2(local_ray, args, fragment, capsys, tmp_path):
-    assert search_main(args + ["--storage", str(tmp_path)]) == 2
+    if "WORKERS_SPACE" in args:
+        space = tmp_path / "workers.yaml"
+        space.write_text(SPACE.replace("fixed:\n", "fixed:\n  workers: 4\n").replace(
+            "recovery: {choice: [masked, lora]}", "recovery: {choice: [masked]}").split("  lora_target")[0])
+        args = [str(space) if a == "WORKERS_SPACE" else a for a in args]
+    if "--storage" not in args:
+        args = args + ["--storage", str(tmp_path)]
+    assert search_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and fragment in err, err
 
