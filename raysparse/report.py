@@ -65,7 +65,7 @@ def write_plots(experiment: Path, histories: dict[str, list[dict[str, Any]]], ro
             importances = optuna.importance.get_param_importances(study)
             fig, ax = plt.subplots(figsize=(7, 4.5))
             ax.barh(list(importances)[::-1], list(importances.values())[::-1])
-            ax.set_xlabel("importance (fANOVA)")
+            ax.set_xlabel("importance (Optuna default evaluator)")
             ax.set_title("parameter importance")
             written.append(_save(fig, experiment / "param_importance.png"))
         except Exception as exc:  # noqa: BLE001 - importance needs varied params; never lose results for it
