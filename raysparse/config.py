@@ -133,6 +133,7 @@ class TrialConfig:
     lora_target_modules: str = "q_proj,v_proj"
     workers: int = 1
     resume: bool = True
+    stats_cache: str | None = None  # folder of shared dense-model statistics (set by a search)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, str):

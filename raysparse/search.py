@@ -83,7 +83,7 @@ def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
     }
 
 
-def search_trainable(params: dict[str, Any], space: SearchSpace) -> None:
+def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: str | None = None) -> None:
     """Tune function trainable: one raysparse trial; its output lives in the Tune trial dir."""
     from ray import tune
 
@@ -91,7 +91,7 @@ def search_trainable(params: dict[str, Any], space: SearchSpace) -> None:
 
     config = space.sample_config(params)
     trial_dir = Path(tune.get_context().get_trial_dir())
-    config = dataclasses.replace(config, output=str(trial_dir / "trial"), resume=True)
+    config = dataclasses.replace(config, output=str(trial_dir / "trial"), resume=True, stats_cache=stats_cache)
     steps = {"total": 0}
 
     def report(record: dict[str, Any]) -> None:
@@ -239,8 +239,14 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     _connect(settings)
     _check_resources(settings, space)
 
+    stats_dir = _stats_cache_dir(settings, experiment)
+    coordinator = None
+    if stats_dir is not None:
+        from .cache import start_coordinator
+
+        coordinator = start_coordinator(stats_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(search_trainable, space=space),
+        tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     started = time.perf_counter()
@@ -263,7 +269,18 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     study = _live_study(searcher)
     report = summarise_results(grid, space, settings, experiment, study)
     report["wall_s"] = round(time.perf_counter() - started, 2)
+    if coordinator is not None:
+        import ray
+
+        report["cache"] = ray.get(coordinator.get_stats.remote())
     return report
+
+
+def _stats_cache_dir(settings: SearchSettings, experiment: Path) -> str | None:
+    """Shared statistics live beside the experiments, so later searches reuse them too."""
+    if "://" in str(experiment):
+        return None  # remote storage: each node would need the files; not supported yet
+    return str(experiment.parent / "stats_cache")
 
 
 def _trial_status(result, target: float) -> str:
@@ -366,6 +383,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("pareto set (final_ppl vs train steps): " + ", ".join(
             f"{r['trial_id']} ({r['final_ppl']:.3f}, {r['train_steps_total']})" for r in report["pareto"]))
     lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}")
+    if report.get("cache"):
+        cache = report["cache"]
+        lines.append(f"stats cache: {cache['hits']} hits, {cache['misses']} computed, "
+                     f"{cache['saved_s']:.1f}s saved")
     if report.get("plots"):
         lines.append("plots: " + ", ".join(Path(p).name for p in report["plots"]))
     if report.get("optuna_storage"):

@@ -46,7 +46,7 @@ CHECKPOINT_DIR = "checkpoint"
 RAY_TRAIN_DIR = "ray_train"  # per-epoch checkpoints of distributed recovery
 STATE_FILE = "state.json"
 # Settings that may change between an interrupted run and its resumption.
-RESUME_IGNORED = ("output", "save", "resume", "device", "eval_batch_size")
+RESUME_IGNORED = ("output", "save", "resume", "device", "eval_batch_size", "stats_cache")
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -227,6 +227,7 @@ class TrialContext:
     calib: torch.Tensor | None
     train_windows: torch.Tensor | None
     timer: PhaseTimer
+    cache: Any = None  # a StatsCache when the trial runs inside a search
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
         return perplexity(
@@ -234,6 +235,18 @@ class TrialContext:
             self.settings.eval_stride, batch_size=self.config.eval_batch_size,
             max_windows=self.config.eval_max_windows, device=self.device, desc=desc,
         ).ppl
+
+
+def dense_perplexity(ctx: TrialContext) -> float:
+    """The unpruned model's perplexity: computed once per key across a search's trials."""
+    if ctx.cache is None:
+        return ctx.evaluate(desc="dense perplexity")
+    config, settings = ctx.config, ctx.settings
+    parts = {"kind": "dense_ppl", "model": ctx.loaded.path, "eval_data": settings.eval_data,
+             "eval_seqlen": settings.eval_seqlen, "eval_stride": settings.eval_stride,
+             "eval_max_windows": config.eval_max_windows, "dtype": config.dtype, "device": ctx.device.type,
+             "eval_tokens": int(ctx.eval_stream.numel())}
+    return ctx.cache.get_or_compute(parts, lambda: ctx.evaluate(desc="dense perplexity"))
 
 
 def _prepare(config: TrialConfig) -> TrialContext:
@@ -260,7 +273,12 @@ def _prepare(config: TrialConfig) -> TrialContext:
             # A different seed than calibration, so training does not just replay the calibration windows.
             train_windows = calibration_windows(token_stream(loaded.tokenizer, train_source), config.train_samples,
                                                 settings.train_seqlen, config.seed + 1)
-    return TrialContext(config, settings, loaded, device, eval_stream, calib, train_windows, timer)
+    cache = None
+    if config.stats_cache:
+        from .cache import StatsCache
+
+        cache = StatsCache(config.stats_cache)
+    return TrialContext(config, settings, loaded, device, eval_stream, calib, train_windows, timer, cache)
 
 
 def _train_settings(config: TrialConfig, device: torch.device):
@@ -345,7 +363,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
         if output:  # a fresh start: epoch checkpoints of an earlier run must not be resumed
             shutil.rmtree(output / RAY_TRAIN_DIR, ignore_errors=True)
         with ctx.timer.phase("eval_dense"):
-            ppl_dense = ctx.evaluate(desc="dense perplexity")
+            ppl_dense = dense_perplexity(ctx)
         logger.info("dense perplexity %.4f", ppl_dense)
         start = measure_sparsity(ctx.loaded.adapter).overall
         levels = sparsity_schedule(config.schedule, config.pattern.ratio, config.prune_percentage,
@@ -485,6 +503,7 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
             "device": str(ctx.device),
             "context_length": settings.context_length,
         },
+        "stats_cache": ctx.cache.events if ctx.cache is not None else None,
         "versions": {"raysparse": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
         "config": config.to_dict(),
     }

@@ -62,6 +62,8 @@ def test_every_trial_has_a_row_and_errors_keep_their_reason(search_report):
 
     table = pq.read_table(f"{search_report['experiment']}/results.parquet")
     assert table.num_rows == 6
+    # The dense perplexity is the same key for every trial: computed once, shared by the rest.
+    assert search_report["cache"]["misses"] == 1 and search_report["cache"]["hits"] == 5
 
 
 def test_best_config_reruns_to_the_same_perplexity(search_report, tmp_path, capsys):

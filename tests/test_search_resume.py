@@ -1,4 +1,6 @@
 """Driver-kill + --resume: a separate module so the killed driver owns its own local Ray."""
+import json
+
 import pytest
 import ray
 
@@ -45,3 +47,6 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
     rows = __import__("pyarrow.csv", fromlist=["read_csv"]).read_csv(experiment / "results.csv").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())  # not re-run
+    assert (tmp_path / "runs" / "stats_cache").is_dir()  # the killed search's statistics were reused
+    summaries = [json.loads(p.read_text()) for p in experiment.glob("*/trial/summary.json")]
+    assert sum(e["outcome"] == "computed" for s in summaries for e in s["stats_cache"]) == 1
