@@ -82,6 +82,7 @@ class _Job:
     eval_spec: EvalSpec | None
     fingerprint: str
     use_gpu: bool
+    error_file: str = ""  # where a worker records a user-facing failure before raising
 
 
 # --------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ def train_masked_distributed(
             windows=windows.detach().cpu(), settings=settings,
             eval_spec=dataclasses.replace(eval_spec, stream=eval_spec.stream.detach().cpu()) if eval_spec else None,
             fingerprint=_fingerprint(model, masks, windows, settings, eval_spec), use_gpu=use_gpu,
+            error_file="" if "://" in storage_path else os.path.join(storage_path, run_name, "worker_error.json"),
         )
         previous = _previous_run(storage_path, run_name, job.fingerprint)
         if previous is not None and _finished(previous, settings):
@@ -235,14 +237,39 @@ def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storag
     try:
         return trainer.fit()
     except Exception as error:  # noqa: BLE001 - re-raised as the worker's own error when we know it
-        surfaced = _worker_error(error)
+        surfaced = _worker_error(error, job.error_file)
         if surfaced is error:
             raise
         raise surfaced from error
 
 
-def _worker_error(error: Exception) -> Exception:
+def _record_worker_error(error_file: str, exc: BaseException) -> None:
+    """Write the failure where the driver looks first: Ray may report a sibling rank's
+    health-check death instead of this exception when ranks fail at the same step."""
+    if not error_file:
+        return
+    path = Path(error_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+    tmp.replace(path)
+
+
+def _recorded_worker_error(error_file: str) -> Exception | None:
+    path = Path(error_file) if error_file else None
+    if path is None or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    path.unlink()
+    kinds = {"TrainingDiverged": TrainingDiverged, "MaskViolation": MaskViolation, "ConfigError": ConfigError}
+    return kinds.get(record["type"], RaysparseError)(record["message"])
+
+
+def _worker_error(error: Exception, error_file: str = "") -> Exception:
     """Turn Ray's wrapper around a worker failure back into the error a caller can handle."""
+    recorded = _recorded_worker_error(error_file)
+    if recorded is not None:
+        return recorded
     failures = getattr(error, "worker_failures", None) or {}
     for _rank, failure in sorted(failures.items()):
         cause = _unwrap(failure)
@@ -431,6 +458,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         fit(model, [p for p in model.parameters()], local_windows, settings, evaluate,
             after_backward=after_backward, after_step=after_step, on_epoch_end=on_epoch_end, device=device,
             desc=f"masked fine-tuning rank {rank}", progress=False, start_epoch=start_epoch, baseline_ppl=baseline)
+    except (TrainingDiverged, RaysparseError, MaskViolation) as exc:
+        _record_worker_error(job.error_file, exc)
+        raise
     except _StopEarly:
         if rank == 0:
             logger.info("early stop after epoch %d: no improvement for %d epochs", records[-1].epoch,
