@@ -367,8 +367,11 @@ def pareto_front(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[st
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{'trial':<16} {'status':<10} {'final_ppl':>10} {'sparsity':>8}  params"]
-    for row in sorted(report["rows"], key=lambda r: (r["final_ppl"] is None, r["final_ppl"] or 0)):
+    lines = [f"{'trial':<16} {'status':<10} {'final_ppl':>10} {'sparsity':>8}  params  "
+             "(stopped = cut early at a sparsity milestone; its ppl is at that sparsity)"]
+    order = {"completed": 0, "stopped": 1, "error": 2}  # a stopped trial's ppl is at a lower sparsity
+    for row in sorted(report["rows"], key=lambda r: (order.get(r["status"], 3), r["final_ppl"] is None,
+                                                     r["final_ppl"] or 0)):
         params = " ".join(f"{k[6:]}={_fmt(v)}" for k, v in row.items() if k.startswith("param_"))
         ppl = f"{row['final_ppl']:.4f}" if row["final_ppl"] is not None else "-"
         sparsity = f"{row['sparsity']:.4f}" if row["sparsity"] is not None else "-"
