@@ -76,6 +76,15 @@ def build_prune_parser() -> argparse.ArgumentParser:
     r.add_argument("--lora-dropout", type=float, default=None)
     r.add_argument("--lora-target-modules", default=None, help="comma-separated linear names (default q_proj,v_proj)")
     r.add_argument("--workers", type=int, default=None, help="Ray Train FSDP workers for masked recovery (1 = in-process)")
+    a = p.add_argument_group("per-layer ratios from layer importance")
+    a.add_argument("--pruning-strategy", choices=("uniform", "inverse", "proportional"), default=None,
+                   help="inverse: important layers pruned less (default uniform)")
+    a.add_argument("--alpha", type=float, default=None, help="spread of the ratios (0 uniform, 1 standard, 2-3 aggressive)")
+    a.add_argument("--min-pruning-rate", type=float, default=None)
+    a.add_argument("--max-pruning-rate", type=float, default=None)
+    a.add_argument("--importance-method", choices=("removal", "activation"), default=None)
+    a.add_argument("--importance-samples", type=int, default=None)
+    a.add_argument("--importance-config", default=None, help="reuse a layer_importance.json (skips the analysis)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="start over even if --output holds a checkpoint of this trial")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")

@@ -134,6 +134,14 @@ class TrialConfig:
     workers: int = 1
     resume: bool = True
     stats_cache: str | None = None  # folder of shared dense-model statistics (set by a search)
+    # non-uniform per-layer sparsity from layer importance
+    pruning_strategy: str = "uniform"
+    alpha: float = 1.0
+    min_pruning_rate: float = 0.0
+    max_pruning_rate: float = 0.95
+    importance_method: str = "removal"
+    importance_samples: int = 50
+    importance_config: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, str):
@@ -176,7 +184,27 @@ class TrialConfig:
         if self.save and not self.output:
             raise ConfigError("save is set but no output directory is given: add --output DIR")
         self._validate_schedule_and_recovery()
+        self._validate_allocation()
         return self
+
+    def _validate_allocation(self) -> None:
+        if self.pruning_strategy not in ("uniform", "inverse", "proportional"):
+            raise ConfigError(f"unknown pruning_strategy '{self.pruning_strategy}': choose uniform, inverse or proportional")
+        if self.pruning_strategy == "uniform":
+            return
+        if self.pattern.is_nm:
+            raise ConfigError("per-layer ratios need a fractional sparsity: N:M patterns are uniform by definition")
+        if self.method == "magnitude" and self.magnitude_scope == "global":
+            raise ConfigError("a global magnitude threshold sets its own per-layer ratios: use pruning_strategy uniform")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha {self.alpha} must be >= 0 (0 = uniform, 1 = standard, 2-3 = aggressive)")
+        if not 0.0 <= self.min_pruning_rate <= self.max_pruning_rate < 1.0:
+            raise ConfigError(
+                f"need 0 <= min_pruning_rate ({self.min_pruning_rate}) <= max_pruning_rate ({self.max_pruning_rate}) < 1"
+            )
+        if self.importance_method not in ("removal", "activation"):
+            raise ConfigError(f"unknown importance_method '{self.importance_method}': choose removal or activation")
+        _positive_int("importance_samples", self.importance_samples)
 
     def _validate_schedule_and_recovery(self) -> None:
         if self.schedule not in SCHEDULES:

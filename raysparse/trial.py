@@ -90,6 +90,7 @@ class TrialState:
     completed: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    layer_importance: dict[str, Any] | None = None
 
 
 class PhaseTimer:
@@ -225,6 +226,7 @@ class TrialContext:
     device: torch.device
     eval_stream: torch.Tensor
     calib: torch.Tensor | None
+    importance_calib: torch.Tensor | None
     train_windows: torch.Tensor | None
     timer: PhaseTimer
     cache: Any = None  # a StatsCache when the trial runs inside a search
@@ -249,6 +251,43 @@ def dense_perplexity(ctx: TrialContext) -> float:
     return ctx.cache.get_or_compute(parts, lambda: ctx.evaluate(desc="dense perplexity"))
 
 
+def layer_importance(ctx: TrialContext) -> dict[str, Any]:
+    """Importance of every decoder layer of the dense model: loaded from --importance-config,
+    or computed once per key and shared through the statistics cache."""
+    from .importance import LayerImportance, compute_importance
+
+    config = ctx.config
+    layers = len(ctx.loaded.adapter.decoder_layers())
+    if config.importance_config:
+        return LayerImportance.load(config.importance_config, expected_model=config.model,
+                                    expected_layers=layers).to_dict()
+    data_desc = resolve_source(ctx.settings.calib_data, "calibration").describe()
+
+    def compute() -> dict[str, Any]:
+        return compute_importance(ctx.loaded.adapter, ctx.importance_calib, config.importance_method, config.model,
+                                  config.seed, data_desc, batch_size=config.calib_batch_size).to_dict()
+
+    if ctx.cache is None:
+        return compute()
+    parts = {"kind": "layer_importance", "model": ctx.loaded.path, "data": data_desc,
+             "method": config.importance_method, "samples": config.importance_samples,
+             "seqlen": ctx.settings.seqlen, "seed": config.seed, "dtype": config.dtype}
+    return ctx.cache.get_or_compute(parts, compute)
+
+
+def layer_ratios(ctx: TrialContext, state: TrialState, level: float) -> list[float] | None:
+    """Per-layer ratios for one schedule step, weighted by each layer's prunable parameters."""
+    config = ctx.config
+    if config.pruning_strategy == "uniform":
+        return None
+    from .allocate import allocate_ratios
+
+    sizes = [sum(m.weight.numel() for m in ctx.loaded.adapter.prunable_linears(layer).values())
+             for layer in ctx.loaded.adapter.decoder_layers()]
+    return allocate_ratios(state.layer_importance["scores"], level, config.pruning_strategy, config.alpha,
+                           config.min_pruning_rate, config.max_pruning_rate, layer_sizes=sizes)
+
+
 def _prepare(config: TrialConfig) -> TrialContext:
     config.validate()
     check_output_dir(config.output)
@@ -264,10 +303,13 @@ def _prepare(config: TrialConfig) -> TrialContext:
         loaded.model.to(device)
     with timer.phase("data"):
         eval_stream = token_stream(loaded.tokenizer, eval_source)
-        calib = None
+        calib = importance_calib = None
         if config.method != "magnitude":
             calib = calibration_windows(token_stream(loaded.tokenizer, calib_source), config.nsamples,
                                         settings.seqlen, config.seed)
+        if config.pruning_strategy != "uniform" and not config.importance_config:
+            importance_calib = calibration_windows(token_stream(loaded.tokenizer, calib_source),
+                                                   config.importance_samples, settings.seqlen, config.seed)
         train_windows = None
         if train_source is not None:
             # A different seed than calibration, so training does not just replay the calibration windows.
@@ -278,7 +320,8 @@ def _prepare(config: TrialConfig) -> TrialContext:
         from .cache import StatsCache
 
         cache = StatsCache(config.stats_cache)
-    return TrialContext(config, settings, loaded, device, eval_stream, calib, train_windows, timer, cache)
+    return TrialContext(config, settings, loaded, device, eval_stream, calib, importance_calib, train_windows,
+                        timer, cache)
 
 
 def _train_settings(config: TrialConfig, device: torch.device):
@@ -369,6 +412,9 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
         levels = sparsity_schedule(config.schedule, config.pattern.ratio, config.prune_percentage,
                                    start, config.max_iterations)
         state = TrialState(config=config.to_dict(), levels=levels, ppl_dense=ppl_dense, start_sparsity=start)
+        if config.pruning_strategy != "uniform":
+            with ctx.timer.phase("importance"):
+                state.layer_importance = layer_importance(ctx)
 
     for index in range(state.completed, len(state.levels)):
         record, masks = _run_iteration(ctx, state, index, masks)
@@ -404,12 +450,15 @@ def _run_iteration(ctx: TrialContext, state: TrialState, index: int,
     started = time.perf_counter()
     step_config = config if config.pattern.is_nm else dataclasses.replace(config, sparsity=repr(level))
     before = state.history[-1]["ppl_after_train"] if state.history else state.ppl_dense
+    ratios = layer_ratios(ctx, state, level)
     with ctx.timer.phase("prune"):
-        masks = _combine(previous, prune(ctx.loaded.adapter, step_config, ctx.calib, ctx.device))
+        masks = _combine(previous, prune(ctx.loaded.adapter, step_config, ctx.calib, ctx.device, ratios))
         apply_masks(ctx.loaded.model, masks)
     with ctx.timer.phase("eval_pruned"):
         ppl_after_prune = ctx.evaluate(desc=f"perplexity after pruning ({index + 1}/{len(state.levels)})")
     record: dict[str, Any] = {"iteration": index + 1, "target_sparsity": level}
+    if ratios is not None:
+        record["layer_ratios"] = ratios
     if config.recovery != "none":
         from .recover.training import TrainingDiverged
 
@@ -504,6 +553,7 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
             "context_length": settings.context_length,
         },
         "stats_cache": ctx.cache.events if ctx.cache is not None else None,
+        "layer_importance": state.layer_importance,
         "versions": {"raysparse": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
         "config": config.to_dict(),
     }
@@ -532,6 +582,8 @@ def write_outputs(output: Path, summary: dict[str, Any], loaded: LoadedModel, ma
                 shutil.rmtree(final)
             staging.replace(final)
             summary["saved_model"] = str(final)
+        if summary.get("layer_importance"):  # reusable with --importance-config
+            _write_json_atomic(output / "layer_importance.json", summary["layer_importance"])
         _write_json_atomic(output / SUMMARY_FILE, summary)
     except BaseException:
         if staging is not None and staging.exists():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PruneConfig
+from ..config import PruneConfig, SparsityPattern
 from ..masks import Masks
 from ..models import ModelAdapter
 from .layerwise import prune_layerwise
@@ -15,11 +15,17 @@ __all__ = ["prune", "prune_magnitude", "prune_layerwise", "WandaMethod", "Sparse
            "sparsegpt_reconstruct"]
 
 
-def prune(adapter: ModelAdapter, config: PruneConfig, calib: torch.Tensor | None, device: torch.device) -> Masks:
-    """Prune the model in place with `config.method`; return keep-masks by parameter name."""
+def prune(adapter: ModelAdapter, config: PruneConfig, calib: torch.Tensor | None, device: torch.device,
+          layer_ratios: list[float] | None = None) -> Masks:
+    """Prune the model in place with `config.method`; return keep-masks by parameter name.
+
+    `layer_ratios` (one per decoder layer) replaces the uniform ratio, e.g. from allocation
+    by layer importance.
+    """
     pattern = config.pattern
+    layer_patterns = [SparsityPattern(ratio=r) for r in layer_ratios] if layer_ratios is not None else None
     if config.method == "magnitude":
-        return prune_magnitude(adapter, pattern, config.magnitude_scope)
+        return prune_magnitude(adapter, pattern, config.magnitude_scope, layer_patterns)
     if calib is None:
         raise ValueError(f"{config.method} needs calibration windows")
     method = (
@@ -27,4 +33,4 @@ def prune(adapter: ModelAdapter, config: PruneConfig, calib: torch.Tensor | None
         else SparseGPTMethod(pattern, config.percdamp, config.blocksize)
     )
     return prune_layerwise(adapter, method, calib, device, config.calib_batch_size,
-                           desc=f"{config.method} {pattern}")
+                           desc=f"{config.method} {pattern}", layer_patterns=layer_patterns)

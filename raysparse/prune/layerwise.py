@@ -107,6 +107,7 @@ def prune_layerwise(
     batch_size: int = 8,
     desc: str = "pruning layers",
     should_prune: Callable[[str], bool] = lambda name: True,
+    layer_patterns: list | None = None,
 ) -> Masks:
     """Prune every decoder layer in order and return keep-masks keyed by parameter name."""
     model = adapter.model
@@ -136,6 +137,8 @@ def prune_layerwise(
             finally:
                 for hook in hooks:
                     hook.remove()
+            if layer_patterns is not None:
+                method.pattern = layer_patterns[index]  # this layer's own ratio
             for name, module in linears.items():
                 remove = method.prune_module(adapter, module, collectors[name])
                 masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()

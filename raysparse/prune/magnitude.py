@@ -18,14 +18,22 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def prune_magnitude(adapter: ModelAdapter, pattern: SparsityPattern, scope: str = "layer") -> Masks:
-    """Zero the smallest weights in place and return the keep-masks (param-shaped)."""
+def prune_magnitude(adapter: ModelAdapter, pattern: SparsityPattern, scope: str = "layer",
+                    layer_patterns: list[SparsityPattern] | None = None) -> Masks:
+    """Zero the smallest weights in place and return the keep-masks (param-shaped).
+
+    `layer_patterns` gives each decoder layer its own ratio (per-matrix scope only).
+    """
     modules = adapter.prunable_modules()
+    if layer_patterns is not None and scope == "global":
+        raise ValueError("per-layer ratios and a global magnitude threshold exclude each other")
     if scope == "global":
         threshold = _global_threshold([m.weight.data for m in modules.values()], pattern.ratio)
         logger.info("global magnitude threshold %.3g", threshold)
     masks: Masks = {}
     for name, module in modules.items():
+        if layer_patterns is not None:
+            pattern = layer_patterns[int(name[len(adapter.layers_path) + 1:].split(".", 1)[0])]
         scores = adapter.weight_matrix(module).abs().float()
         if scope == "global":
             remove = scores <= threshold if pattern.ratio > 0 else torch.zeros_like(scores, dtype=torch.bool)
