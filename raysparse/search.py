@@ -13,13 +13,11 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrialConfig
 from .errors import ConfigError, RaysparseError
 from .space import SearchSpace, load_space, parse_space
 

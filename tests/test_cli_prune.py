@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from raysparse.cli import prune_main
 from raysparse.masks import load_masks, measure_sparsity, verify_masks

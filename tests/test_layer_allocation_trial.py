@@ -20,7 +20,6 @@ def config(model_dir, text_files, tmp_path, **overrides):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_inverse_allocation_gives_layers_different_ratios_and_meets_the_target(
         method, saved_model_dir, text_files, tmp_path):
-    from raysparse.models import load_model
 
     model_dir = saved_model_dir()
     summary = run_trial(config(model_dir, text_files, tmp_path, method=method)).summary

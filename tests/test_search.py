@@ -6,7 +6,6 @@ import ray
 
 from raysparse.cli import prune_main, search_main
 from raysparse.config import TrialConfig
-from raysparse.errors import ConfigError
 from raysparse.search import SearchSettings, pareto_front, run_search
 
 pytestmark = pytest.mark.slow

@@ -108,7 +108,6 @@ def fit(
     per_epoch = math.ceil(windows.shape[0] / settings.batch_size / settings.grad_accum)
     if settings.max_steps_per_epoch:
         per_epoch = min(per_epoch, settings.max_steps_per_epoch)
-    total_steps = max(1, per_epoch * settings.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
     )
