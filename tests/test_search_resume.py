@@ -50,3 +50,26 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
     assert (tmp_path / "runs" / "stats_cache").is_dir()  # the killed search's statistics were reused
     summaries = [json.loads(p.read_text()) for p in experiment.glob("*/trial/summary.json")]
     assert sum(e["outcome"] == "computed" for s in summaries for e in s["stats_cache"]) == 1
+
+
+def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path):
+    """Train-in-Tune: a trial with workers=2 launches a Ray Train FSDP run that fits beside it."""
+    from raysparse.search import SearchSettings, run_search
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "fixed:\n  model: tiny\n  method: magnitude\n  sparsity: 0.5\n  recovery: masked\n  workers: 2\n"
+        "  train_samples: 16\n  max_steps: 2\n  batch_size: 8\n  eval_max_windows: 4\n"
+        "params:\n  lr: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # 0.5 for the trial + 2 workers
+    try:
+        report = run_search(SearchSettings(space=str(space), num_samples=1, cpus_per_trial=0.5,
+                                           storage=str(tmp_path / "runs"), name="tit", early_stopping=False,
+                                           max_failures=0))
+    finally:
+        ray.shutdown()
+    (row,) = report["rows"]
+    assert row["status"] == "completed", row["error"]
+    assert row["sparsity"] == pytest.approx(0.5, abs=1 / 64)
+    summary = json.loads(next((tmp_path / "runs" / "tit").glob("*/trial/summary.json")).read_text())
+    assert summary["config"]["workers"] == 2 and summary["history"][0]["steps"] >= 1
