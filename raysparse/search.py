@@ -91,15 +91,18 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = dataclasses.replace(config, output=str(trial_dir / "trial"), resume=True, stats_cache=stats_cache)
     steps = {"total": 0}
+    import ray
+
+    node = {"node_id": ray.get_runtime_context().get_node_id()}  # trial placement, for the results table
 
     def report(record: dict[str, Any]) -> None:
         steps["total"] += int(record.get("steps") or 0)
-        tune.report(_trial_metrics(record, steps["total"]))
+        tune.report({**_trial_metrics(record, steps["total"]), **node})
 
     result = run_trial(config, reporter=report)
     summary = result.summary
     final = _trial_metrics(summary["history"][-1], steps["total"])
-    final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"])
+    final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"], **node)
     tune.report(final)
 
 
@@ -319,7 +322,8 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             "error": error_reason(result.error) if result.error else None,
             **{f"param_{k}": v for k, v in params.items()},
             **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
-                                            "train_steps_total", "ppl_after_prune", "recovery_pct")},
+                                            "train_steps_total", "ppl_after_prune", "recovery_pct",
+                                            "node_id")},
             "path": result.path,
         }
         rows.append(row)
