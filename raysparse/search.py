@@ -93,7 +93,12 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
     steps = {"total": 0}
     import ray
 
-    node = {"node_id": ray.get_runtime_context().get_node_id()}  # trial placement, for the results table
+    # Trial placement, and which attempt this is (> 1: Tune retried it after a failure).
+    attempts_file = trial_dir / "trial" / "attempts"
+    attempts_file.parent.mkdir(parents=True, exist_ok=True)
+    attempts = (int(attempts_file.read_text()) if attempts_file.is_file() else 0) + 1
+    attempts_file.write_text(str(attempts))
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "attempt": attempts}
 
     def report(record: dict[str, Any]) -> None:
         steps["total"] += int(record.get("steps") or 0)
@@ -323,7 +328,7 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             **{f"param_{k}": v for k, v in params.items()},
             **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
                                             "train_steps_total", "ppl_after_prune", "recovery_pct",
-                                            "node_id")},
+                                            "node_id", "attempt")},
             "path": result.path,
         }
         rows.append(row)

@@ -66,3 +66,4 @@ def test_a_search_with_address_schedules_trials_on_both_nodes(two_node_cluster, 
     rows = pacsv.read_csv(tmp_path / "runs" / "two" / "results.csv").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     assert len({r["node_id"] for r in rows}) == 2  # trial placement is recorded and spans both nodes
+
