@@ -5,8 +5,10 @@ environment variable instead of patching modules.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 CACHE_ENV = "RAYSPARSE_CACHE_DIR"
 
@@ -21,3 +23,10 @@ def cache_dir() -> Path:
         root = (Path(xdg) if xdg else Path.home() / ".cache") / "raysparse"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any], sort_keys: bool = False) -> None:
+    """Write JSON through a temporary file renamed into place: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from raysparse.errors import DataError, ModelError
-from raysparse.paths import cache_dir
+from raysparse.paths import cache_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -342,14 +342,8 @@ def build_tiny_model(out_dir: Path, config: TinyPretrainConfig | None = None) ->
         "transformers_version": transformers.__version__,
         "created_unix": time.time(),
     }
-    _write_json_atomic(out_dir / TINY_INFO_FILE, info)
+    write_json_atomic(out_dir / TINY_INFO_FILE, info, sort_keys=True)
     return info
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_tiny_info(folder: Path) -> dict[str, Any] | None:

@@ -32,8 +32,9 @@ from . import __version__
 from .config import DEFAULT_MAX_WINDOW, TrialConfig
 from .data import calibration_windows, resolve_source, token_stream
 from .errors import ConfigError, RaysparseError
-from .evaluate import perplexity
+from .evaluate import perplexity, window_starts
 from .masks import Masks, apply_masks, load_masks, masks_from_weights, measure_sparsity, save_masks, verify_masks
+from .paths import write_json_atomic
 from .models import LoadedModel, get_adapter, load_config, load_model, resolve_device, resolve_model_path
 from .prune import prune
 from .schedule import sparsity_schedule
@@ -161,12 +162,6 @@ def check_output_dir(output: str | None) -> None:
         raise ConfigError(f"output {output} is not writable: choose another --output")
 
 
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
 # --- checkpoints -----------------------------------------------------------------------
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,7 +192,7 @@ def save_checkpoint(output: Path, state: TrialState, loaded: LoadedModel, masks:
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output))
     save_model(loaded.model, str(staging / "model.safetensors"))
     save_masks(masks, staging)
-    _write_json_atomic(staging / STATE_FILE, dataclasses.asdict(state))
+    write_json_atomic(staging / STATE_FILE, dataclasses.asdict(state))
     final = output / CHECKPOINT_DIR
     old = output / ".checkpoint-old"
     if final.exists():
@@ -433,7 +428,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
         with ctx.timer.phase("save"):
             write_outputs(output, summary, ctx.loaded, masks, save_model=config.save)
         summary["timings_s"] = ctx.timer.seconds
-        _write_json_atomic(output / SUMMARY_FILE, summary)
+        write_json_atomic(output / SUMMARY_FILE, summary)
         for leftover in (CHECKPOINT_DIR, RAY_TRAIN_DIR):  # finished: the summary (and model/) remain
             shutil.rmtree(output / leftover, ignore_errors=True)
     return TrialResult(summary=summary, loaded=ctx.loaded, masks=masks)
@@ -493,7 +488,7 @@ def _record_failure(ctx: TrialContext, state: TrialState, index: int, reason: st
         return
     output = Path(ctx.config.output)
     output.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(output / SUMMARY_FILE, {
+    write_json_atomic(output / SUMMARY_FILE, {
         "status": "failed", "failed_iteration": index + 1, "error": reason, "history": state.history,
         "ppl_dense": state.ppl_dense, "config": ctx.config.to_dict(),
     })
@@ -537,9 +532,8 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
             "eval_data": resolve_source(settings.eval_data, "evaluation").describe(),
             "eval_seqlen": settings.eval_seqlen,
             "eval_stride": settings.eval_stride,
-            "eval_windows": len(range(0, ctx.eval_stream.numel() - settings.eval_seqlen + 1, settings.eval_stride))
-            if not config.eval_max_windows else min(config.eval_max_windows, len(range(
-                0, ctx.eval_stream.numel() - settings.eval_seqlen + 1, settings.eval_stride))),
+            "eval_windows": len(window_starts(ctx.eval_stream.numel(), settings.eval_seqlen, settings.eval_stride,
+                                              config.eval_max_windows)),
             "calib_data": resolve_source(settings.calib_data, "calibration").describe() if ctx.calib is not None else None,
             "nsamples": config.nsamples if ctx.calib is not None else 0,
             "seqlen": settings.seqlen,
@@ -583,8 +577,8 @@ def write_outputs(output: Path, summary: dict[str, Any], loaded: LoadedModel, ma
             staging.replace(final)
             summary["saved_model"] = str(final)
         if summary.get("layer_importance"):  # reusable with --importance-config
-            _write_json_atomic(output / "layer_importance.json", summary["layer_importance"])
-        _write_json_atomic(output / SUMMARY_FILE, summary)
+            write_json_atomic(output / "layer_importance.json", summary["layer_importance"])
+        write_json_atomic(output / SUMMARY_FILE, summary)
     except BaseException:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
