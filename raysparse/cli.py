@@ -85,6 +85,19 @@ def build_prune_parser() -> argparse.ArgumentParser:
     a.add_argument("--importance-method", choices=("removal", "activation"), default=None)
     a.add_argument("--importance-samples", type=int, default=None)
     a.add_argument("--importance-config", default=None, help="reuse a layer_importance.json (skips the analysis)")
+    st = p.add_argument_group("structured pruning (--method structured)")
+    st.add_argument("--pruning-ratio", type=float, default=None,
+                    help="fraction of the prunable parameters (kv groups + MLP channels) to remove, e.g. 0.25")
+    st.add_argument("--num-examples", type=int, default=None,
+                    help=f"Taylor importance windows (default {defaults.num_examples})")
+    st.add_argument("--max-seq-len", type=int, default=None,
+                    help=f"Taylor importance window length (default {defaults.max_seq_len})")
+    st.add_argument("--layer-start", type=int, default=None, help="first decoder layer pruned (default 0)")
+    st.add_argument("--layer-end", type=int, default=None, help="layer after the last one pruned (default: all)")
+    st.add_argument("--test-after-prune", dest="test_after_prune", action="store_true", default=None,
+                    help="evaluate perplexity and sample a generation right after pruning (default on)")
+    st.add_argument("--no-test-after-prune", dest="test_after_prune", action="store_false",
+                    help="skip that evaluation before recovery (recovery's own baseline is used if it takes one)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="start over even if --output holds a checkpoint of this trial")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
@@ -105,19 +118,28 @@ def format_prune_report(summary: dict[str, Any]) -> str:
         f"model            {summary['model']} ({summary['family']})",
         f"method           {summary['method']}  pattern {summary['pattern']}  target {summary['sparsity_target']:.4f}",
         f"ppl dense        {summary['ppl_dense']:.4f}",
-        f"ppl pruned       {summary['ppl_pruned']:.4f}",
+        f"ppl pruned       {_number(summary['ppl_pruned'])}",
         f"ppl final        {summary['ppl_final']:.4f}  ({summary['ppl_change_pct']:+.2f}% vs unpruned)"
         + (f"  best {summary['ppl_best']:.4f}" if summary.get("ppl_best") is not None else ""),
         f"iterations       {summary['iterations']} ({summary['schedule']}, recovery {summary['recovery']})",
-        f"sparsity         {summary['sparsity_measured']:.4f} measured from the weights "
-        f"({summary['params_zero']:,} / {summary['params_prunable']:,})",
-        "per layer        " + "  ".join(f"{k}:{v:.3f}" for k, v in summary["per_layer"].items()),
+        *([] if summary.get("structured") else [
+            f"sparsity         {summary['sparsity_measured']:.4f} measured from the weights "
+            f"({summary['params_zero']:,} / {summary['params_prunable']:,})"]),
+        *(_structured_lines(summary["structured"]) if summary.get("structured") else
+          ["per layer        " + "  ".join(f"{k}:{v:.3f}" for k, v in summary["per_layer"].items())]),
+        *([f"importance       {summary['layer_importance']['method']}: " + "  ".join(
+            f"{i}:{v:.4g}" for i, v in enumerate(summary["layer_importance"]["scores"]))]
+          if summary.get("layer_importance") else []),
         "timings (s)      " + "  ".join(f"{k} {v:.2f}" for k, v in summary["timings_s"].items()),
         f"peak memory      {summary['peak_memory_mb']:.0f} MB",
     ]
     protocol = summary["protocol"]
-    calib = (f"calib {protocol['calib_data']} x{protocol['nsamples']} seqlen {protocol['seqlen']}"
-             if protocol["calib_data"] else "no calibration")
+    if protocol.get("taylor_examples"):
+        calib = f"taylor {protocol['calib_data']} x{protocol['taylor_examples']} seqlen {protocol['taylor_seqlen']}"
+    elif protocol["calib_data"]:
+        calib = f"calib {protocol['calib_data']} x{protocol['nsamples']} seqlen {protocol['seqlen']}"
+    else:
+        calib = "no calibration"
     train = (f"; train {protocol['train_data']} x{protocol['train_samples']} seqlen {protocol['train_seqlen']}"
              if protocol.get("train_data") else "")
     lines.append(
@@ -129,6 +151,32 @@ def format_prune_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _structured_lines(structured: dict[str, Any]) -> list[str]:
+    before, after = structured["latency_before"], structured["latency_after"]
+    lines = [
+        f"parameters       {structured['params_before']:,} -> {structured['params_after']:,} "
+        f"({100 * structured['params_removed_fraction']:.2f}% of the model; "
+        f"{100 * structured['ratio_achieved']:.2f}% of layers {structured['layer_range'][0]}-"
+        f"{structured['layer_range'][1] - 1})",
+        f"latency/token    decode {before['decode_ms_per_token']:.3f} -> {after['decode_ms_per_token']:.3f} ms "
+        f"(x{structured['decode_speedup']:.2f}), prefill {before['prefill_ms_per_token']:.4f} -> "
+        f"{after['prefill_ms_per_token']:.4f} ms (x{structured['prefill_speedup']:.2f}) on {after['device']}",
+        f"taylor           {structured['taylor_seconds']:.2f}s",
+        f"{'layer':>16} {'ratio':>6} {'achieved':>8} {'heads':>9} {'kv groups':>9} {'mlp channels':>13}",
+    ]
+    for plan in structured["layers"]:
+        groups_after = plan["groups_before"] - plan["groups_removed"]
+        channels_after = plan["channels_before"] - plan["channels_removed"]
+        lines.append(f"{plan['layer']:>16} {plan['ratio_target']:6.3f} {plan['ratio_achieved']:8.3f} "
+                     f"{plan['heads_before']:>4}->{plan['heads_after']:<4} {plan['groups_before']:>4}->{groups_after:<4} "
+                     f"{plan['channels_before']:>6}->{channels_after:<6}")
+    return lines
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
@@ -137,7 +185,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> int:
 def format_iteration(record: dict[str, Any]) -> str:
     """One line per finished iteration, as users print by hand today."""
     parts = [f"iter {record['iteration']:>3}", f"sparsity {record['sparsity']:.4f}",
-             f"ppl after prune {record['ppl_after_prune']:.4f}", f"after train {record['ppl_after_train']:.4f}"]
+             f"ppl after prune {_number(record['ppl_after_prune'])}", f"after train {record['ppl_after_train']:.4f}"]
     if record.get("recovery_pct") is not None:
         parts.append(f"recovered {record['recovery_pct']:.1f}%")
     if record.get("ppl_with_adapter") is not None:

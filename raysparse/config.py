@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "structured")
 SCHEDULES = ("oneshot", "iterative")
 RECOVERIES = ("none", "masked", "lora")
 MAGNITUDE_SCOPES = ("layer", "global")
@@ -142,6 +142,13 @@ class TrialConfig:
     importance_method: str = "removal"
     importance_samples: int = 50
     importance_config: str | None = None
+    # structured pruning (method structured): whole kv groups and MLP channels are removed
+    pruning_ratio: float | None = None  # fraction of the prunable parameters in [layer_start, layer_end)
+    num_examples: int = 10  # Taylor importance windows
+    max_seq_len: int = 128  # Taylor importance window length (capped by the model)
+    layer_start: int = 0
+    layer_end: int | None = None  # exclusive; default: the last layer
+    test_after_prune: bool = True  # evaluate (and sample a generation) right after pruning
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, str):
@@ -150,6 +157,15 @@ class TrialConfig:
     @property
     def pattern(self) -> SparsityPattern:
         return parse_sparsity(self.sparsity)
+
+    @property
+    def is_structured(self) -> bool:
+        return self.method == "structured"
+
+    @property
+    def target_ratio(self) -> float:
+        """The final fraction removed: parameters for structured pruning, weights otherwise."""
+        return float(self.pruning_ratio) if self.is_structured else self.pattern.ratio
 
     def validate(self) -> "TrialConfig":
         """Check every setting that needs no model; raise ConfigError naming the fix."""
@@ -184,15 +200,40 @@ class TrialConfig:
         if self.save and not self.output:
             raise ConfigError("save is set but no output directory is given: add --output DIR")
         self._validate_schedule_and_recovery()
+        self._validate_structured()
         self._validate_allocation()
         return self
+
+    def _validate_structured(self) -> None:
+        if not self.is_structured:
+            if self.pruning_ratio is not None:
+                raise ConfigError("pruning_ratio applies to --method structured; unstructured methods take --sparsity")
+            if self.layer_start != 0 or self.layer_end is not None:
+                raise ConfigError("layer_start/layer_end apply to --method structured; unstructured methods prune every layer")
+            return
+        if self.pruning_ratio is None:
+            raise ConfigError("--method structured needs --pruning-ratio: the fraction of parameters to remove, e.g. 0.25")
+        if isinstance(self.pruning_ratio, bool) or not isinstance(self.pruning_ratio, (int, float)) \
+                or not 0.0 < float(self.pruning_ratio) < 1.0:
+            raise ConfigError(f"pruning_ratio {self.pruning_ratio!r} is outside (0, 1): give the fraction of "
+                              "parameters to remove, e.g. 0.25")
+        if self.schedule != "oneshot":
+            raise ConfigError("structured pruning runs one-shot: use --schedule oneshot (recovery still applies)")
+        _positive_int("num_examples", self.num_examples)
+        _positive_int("max_seq_len", self.max_seq_len, minimum=2)
+        _positive_int("layer_start", self.layer_start, minimum=0)
+        if self.layer_end is not None:
+            _positive_int("layer_end", self.layer_end)
+            if self.layer_end <= self.layer_start:
+                raise ConfigError(f"layer range [{self.layer_start}, {self.layer_end}) is empty: "
+                                  "layer_end is exclusive and must be larger than layer_start")
 
     def _validate_allocation(self) -> None:
         if self.pruning_strategy not in ("uniform", "inverse", "proportional"):
             raise ConfigError(f"unknown pruning_strategy '{self.pruning_strategy}': choose uniform, inverse or proportional")
         if self.pruning_strategy == "uniform":
             return
-        if self.pattern.is_nm:
+        if self.pattern.is_nm and not self.is_structured:
             raise ConfigError("per-layer ratios need a fractional sparsity: N:M patterns are uniform by definition")
         if self.method == "magnitude" and self.magnitude_scope == "global":
             raise ConfigError("a global magnitude threshold sets its own per-layer ratios: use pruning_strategy uniform")
@@ -201,6 +242,15 @@ class TrialConfig:
         if not 0.0 <= self.min_pruning_rate <= self.max_pruning_rate < 1.0:
             raise ConfigError(
                 f"need 0 <= min_pruning_rate ({self.min_pruning_rate}) <= max_pruning_rate ({self.max_pruning_rate}) < 1"
+            )
+        target = self.target_ratio
+        if not self.min_pruning_rate <= target <= self.max_pruning_rate:
+            bound = "min_pruning_rate" if target < self.min_pruning_rate else "max_pruning_rate"
+            raise ConfigError(
+                f"the target {target} cannot be met inside the clamps [{self.min_pruning_rate}, "
+                f"{self.max_pruning_rate}]: it is {'below' if bound == 'min_pruning_rate' else 'above'} {bound}; "
+                f"{'lower min_pruning_rate' if bound == 'min_pruning_rate' else 'raise max_pruning_rate'} "
+                "or change the target"
             )
         if self.importance_method not in ("removal", "activation"):
             raise ConfigError(f"unknown importance_method '{self.importance_method}': choose removal or activation")

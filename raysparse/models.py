@@ -7,6 +7,7 @@ those once in an adapter class; everything else in raysparse is family-agnostic.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,39 @@ class AttentionShape:
     @property
     def queries_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class UnitSlice:
+    """Where one kind of structural unit lives inside one linear sublayer.
+
+    Unit ``u`` owns features ``[u * width, (u + 1) * width)`` of the module along `axis`
+    (``out``: rows of the (out, in) matrix and the bias; ``in``: columns). A fused projection
+    such as GPT-2's ``c_attn`` (q, k and v side by side) repeats the units in `blocks` blocks.
+    """
+
+    module: str
+    axis: str
+    width: int
+    blocks: int = 1
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """The prunable units of one kind in one decoder layer: attention groups or MLP channels."""
+
+    kind: str
+    count: int
+    slices: tuple[UnitSlice, ...]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Sizes of one (possibly shrunk) decoder layer; saved per layer so the model reloads."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
 
 
 class ModelAdapter:
@@ -111,11 +145,56 @@ class ModelAdapter:
         """Modules that run before the first decoder layer (embeddings, rotary tables)."""
         raise NotImplementedError
 
+    @classmethod
+    def num_layers_of(cls, config) -> int:
+        """Decoder layer count, read from a bare config (checks layer ranges before loading)."""
+        return int(config.num_hidden_layers)
+
+    # --- structural units (structured pruning) -----------------------------------------
+    # A subclass names its attention/MLP projections; counts are read from the modules, so
+    # they are right for layers that were already shrunk.
+    attention_slices: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (module, axis, "group"|"head")
+    mlp_slices: ClassVar[tuple[tuple[str, str], ...]] = ()  # (module, axis); width 1
+    attention_count_module: ClassVar[str] = ""  # its out_features / head_dim = groups (per block)
+    attention_blocks: ClassVar[int] = 1
+
+    def attention_units(self, layer: nn.Module) -> UnitSpec:
+        """Key/value groups: a kv head, every query head sharing it, their o_proj columns."""
+        shape = self.attention_shape()
+        widths = {"group": shape.queries_per_group * shape.head_dim, "head": shape.head_dim}
+        counter = layer.get_submodule(self.attention_count_module)
+        count = self.weight_matrix(counter).shape[0] // self.attention_blocks // shape.head_dim
+        slices = tuple(UnitSlice(name, axis, widths[unit],
+                                 self.attention_blocks if name == self.attention_count_module else 1)
+                       for name, axis, unit in self.attention_slices)
+        return UnitSpec("attention", count, slices)
+
+    def mlp_units(self, layer: nn.Module) -> UnitSpec:
+        """Intermediate channels: a row of the up/gate projections and a column of the down one."""
+        first = layer.get_submodule(self.mlp_slices[0][0])
+        count = self.weight_matrix(first).shape[0]
+        return UnitSpec("mlp", count, tuple(UnitSlice(name, axis, 1) for name, axis in self.mlp_slices))
+
+    def layer_shape(self, layer: nn.Module) -> LayerShape:
+        groups = self.attention_units(layer).count
+        return LayerShape(num_heads=groups * self.attention_shape().queries_per_group, num_kv_heads=groups,
+                          intermediate_size=self.mlp_units(layer).count)
+
+    def set_attention_heads(self, layer: nn.Module, num_heads: int) -> None:
+        """Update head-count attributes that the family's attention reads at run time."""
+
 
 class LlamaAdapter(ModelAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     layers_path = "model.layers"
+    attention_slices = (("self_attn.q_proj", "out", "group"), ("self_attn.k_proj", "out", "head"),
+                        ("self_attn.v_proj", "out", "head"), ("self_attn.o_proj", "in", "group"))
+    attention_count_module = "self_attn.k_proj"
+    mlp_slices = (("mlp.gate_proj", "out"), ("mlp.up_proj", "out"), ("mlp.down_proj", "in"))
+
+    # Llama-style attention infers head counts from the projection sizes at run time, so
+    # set_attention_heads has nothing to update.
 
     def pre_layer_modules(self) -> list[nn.Module]:
         inner = self.model.model
@@ -126,6 +205,13 @@ class OPTAdapter(ModelAdapter):
     family = "opt"
     model_types = ("opt",)
     layers_path = "model.decoder.layers"
+    attention_slices = (("self_attn.q_proj", "out", "head"), ("self_attn.k_proj", "out", "head"),
+                        ("self_attn.v_proj", "out", "head"), ("self_attn.out_proj", "in", "head"))
+    attention_count_module = "self_attn.q_proj"
+    mlp_slices = (("fc1", "out"), ("fc2", "in"))
+
+    def set_attention_heads(self, layer: nn.Module, num_heads: int) -> None:
+        layer.self_attn.num_heads = num_heads
 
     def pre_layer_modules(self) -> list[nn.Module]:
         dec = self.model.model.decoder
@@ -137,6 +223,18 @@ class GPT2Adapter(ModelAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
     layers_path = "transformer.h"
+    attention_slices = (("attn.c_attn", "out", "head"), ("attn.c_proj", "in", "head"))
+    attention_count_module = "attn.c_attn"
+    attention_blocks = 3  # c_attn holds q, k and v side by side
+    mlp_slices = (("mlp.c_fc", "out"), ("mlp.c_proj", "in"))
+
+    @classmethod
+    def num_layers_of(cls, config) -> int:
+        return int(config.n_layer)
+
+    def set_attention_heads(self, layer: nn.Module, num_heads: int) -> None:
+        layer.attn.num_heads = num_heads
+        layer.attn.split_size = num_heads * layer.attn.head_dim
 
     @classmethod
     def context_length_of(cls, config) -> int:
@@ -153,11 +251,20 @@ class GPT2Adapter(ModelAdapter):
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)
 
 
+SHRUNK_PREFIX = "raysparse_"  # model_type of a structurally pruned model with per-layer sizes
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for cls in ADAPTERS for t in cls.model_types)
 
 
+def base_model_type(model_type: str) -> str:
+    """The family's own model_type for a shrunk model (`raysparse_llama` -> `llama`)."""
+    return model_type[len(SHRUNK_PREFIX):] if model_type.startswith(SHRUNK_PREFIX) else model_type
+
+
 def adapter_class_for(model_type: str) -> type[ModelAdapter]:
+    model_type = base_model_type(model_type)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls
@@ -217,9 +324,24 @@ class LoadedModel:
     path: str
 
 
+def _is_shrunk_folder(name_or_path: str) -> bool:
+    """True for a local folder saved after structured pruning (per-layer sizes in its config)."""
+    config_file = Path(name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+    except (ValueError, OSError):
+        return False
+    return isinstance(model_type, str) and model_type.startswith(SHRUNK_PREFIX)
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """Load only the config (cheap), so family and context checks run before the weights."""
     from transformers import AutoConfig
+
+    if _is_shrunk_folder(name_or_path):
+        from . import shrunk_models  # noqa: F401 - registers the raysparse_* model types
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

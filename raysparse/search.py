@@ -72,7 +72,7 @@ def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
     """What each Tune report carries: the objective on every report (strict metric checking)."""
     return {
         "final_ppl": float(record["ppl_after_train"]),
-        "ppl_after_prune": float(record["ppl_after_prune"]),
+        "ppl_after_prune": None if record.get("ppl_after_prune") is None else float(record["ppl_after_prune"]),
         "sparsity": float(record["sparsity"]),
         "sparsity_pct": int(math.floor(100 * record["sparsity"] + 1e-6)),
         "iteration": int(record["iteration"]),
@@ -318,7 +318,7 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
         metrics = result.metrics or {}
         params = {k: v for k, v in (result.config or {}).items() if k in space.params}
         try:
-            target = space.sample_config(result.config or {}).pattern.ratio
+            target = space.sample_config(result.config or {}).target_ratio
         except RaysparseError:
             target = float("nan")
         row = {

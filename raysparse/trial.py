@@ -68,6 +68,9 @@ class ResolvedSettings:
     eval_stride: int
     train_seqlen: int
     context_length: int
+    layer_start: int = 0
+    layer_end: int = 0  # exclusive; structured pruning touches only layers in [start, end)
+    taylor_seqlen: int = 0
 
 
 @dataclass
@@ -133,6 +136,13 @@ def resolve_settings(config: TrialConfig) -> ResolvedSettings:
             raise ConfigError(
                 f"{name} {value} is larger than the model's context of {context} tokens: use {flag} {context} or less"
             )
+    num_layers = adapter_class_for(model_config.model_type).num_layers_of(model_config)
+    layer_end = config.layer_end if config.layer_end is not None else num_layers
+    if config.layer_start >= num_layers or layer_end > num_layers:
+        raise ConfigError(
+            f"layer range [{config.layer_start}, {layer_end}) is outside the model's {num_layers} decoder layers: "
+            f"use --layer-start/--layer-end within 0..{num_layers}"
+        )
     is_tiny = config.model == TINY_PRESET_NAME
     calib_data = config.calib_data or ("pydoc" if is_tiny else "c4")
     eval_seqlen = config.eval_seqlen or default_window
@@ -146,6 +156,9 @@ def resolve_settings(config: TrialConfig) -> ResolvedSettings:
         eval_stride=config.eval_stride or eval_seqlen,
         train_seqlen=config.train_seqlen or seqlen,
         context_length=context,
+        layer_start=config.layer_start,
+        layer_end=layer_end,
+        taylor_seqlen=min(config.max_seq_len, context),
     )
 
 
@@ -225,6 +238,7 @@ class TrialContext:
     train_windows: torch.Tensor | None
     timer: PhaseTimer
     cache: Any = None  # a StatsCache when the trial runs inside a search
+    taylor_windows: torch.Tensor | None = None  # structured pruning's Taylor importance data
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
         return perplexity(
@@ -298,8 +312,11 @@ def _prepare(config: TrialConfig) -> TrialContext:
         loaded.model.to(device)
     with timer.phase("data"):
         eval_stream = token_stream(loaded.tokenizer, eval_source)
-        calib = importance_calib = None
-        if config.method != "magnitude":
+        calib = importance_calib = taylor_windows = None
+        if config.is_structured:
+            taylor_windows = calibration_windows(token_stream(loaded.tokenizer, calib_source), config.num_examples,
+                                                 settings.taylor_seqlen, config.seed)
+        elif config.method != "magnitude":
             calib = calibration_windows(token_stream(loaded.tokenizer, calib_source), config.nsamples,
                                         settings.seqlen, config.seed)
         if config.pruning_strategy != "uniform" and not config.importance_config:
@@ -316,7 +333,7 @@ def _prepare(config: TrialConfig) -> TrialContext:
 
         cache = StatsCache(config.stats_cache)
     return TrialContext(config, settings, loaded, device, eval_stream, calib, importance_calib, train_windows,
-                        timer, cache)
+                        timer, cache, taylor_windows)
 
 
 def _train_settings(config: TrialConfig, device: torch.device):
@@ -404,7 +421,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
             ppl_dense = dense_perplexity(ctx)
         logger.info("dense perplexity %.4f", ppl_dense)
         start = measure_sparsity(ctx.loaded.adapter).overall
-        levels = sparsity_schedule(config.schedule, config.pattern.ratio, config.prune_percentage,
+        levels = sparsity_schedule(config.schedule, config.target_ratio, config.prune_percentage,
                                    start, config.max_iterations)
         state = TrialState(config=config.to_dict(), levels=levels, ppl_dense=ppl_dense, start_sparsity=start)
         if config.pruning_strategy != "uniform":
@@ -443,17 +460,27 @@ def _run_iteration(ctx: TrialContext, state: TrialState, index: int,
     config = ctx.config
     level = state.levels[index]
     started = time.perf_counter()
-    step_config = config if config.pattern.is_nm else dataclasses.replace(config, sparsity=repr(level))
     before = state.history[-1]["ppl_after_train"] if state.history else state.ppl_dense
-    ratios = layer_ratios(ctx, state, level)
-    with ctx.timer.phase("prune"):
-        masks = _combine(previous, prune(ctx.loaded.adapter, step_config, ctx.calib, ctx.device, ratios))
-        apply_masks(ctx.loaded.model, masks)
-    with ctx.timer.phase("eval_pruned"):
-        ppl_after_prune = ctx.evaluate(desc=f"perplexity after pruning ({index + 1}/{len(state.levels)})")
     record: dict[str, Any] = {"iteration": index + 1, "target_sparsity": level}
-    if ratios is not None:
-        record["layer_ratios"] = ratios
+    if config.is_structured:
+        from .structured_trial import structured_step
+
+        masks, structured = structured_step(ctx, state, level)
+        record["layer_ratios"] = structured["layer_ratios"]
+        record["structured"] = structured
+    else:
+        step_config = config if config.pattern.is_nm else dataclasses.replace(config, sparsity=repr(level))
+        ratios = layer_ratios(ctx, state, level)
+        with ctx.timer.phase("prune"):
+            masks = _combine(previous, prune(ctx.loaded.adapter, step_config, ctx.calib, ctx.device, ratios))
+            apply_masks(ctx.loaded.model, masks)
+        if ratios is not None:
+            record["layer_ratios"] = ratios
+    ppl_after_prune: float | None = None
+    if config.test_after_prune or config.recovery == "none":
+        with ctx.timer.phase("eval_pruned"):
+            ppl_after_prune = ctx.evaluate(desc=f"perplexity after pruning ({index + 1}/{len(state.levels)})")
+            record["sample_after_prune"] = sample_generation(ctx)
     if config.recovery != "none":
         from .recover.training import TrainingDiverged
 
@@ -465,21 +492,38 @@ def _run_iteration(ctx: TrialContext, state: TrialState, index: int,
             raise TrialFailed(f"trial failed at iteration {index + 1}: {exc}; "
                               f"{index} finished iteration(s) kept") from None
         train = recovered.pop("train")
+        if ppl_after_prune is None:  # not evaluated separately: use recovery's own baseline, if it took one
+            ppl_after_prune = train.baseline_ppl
         record.update(recovered)
         record.update(train_loss=train.train_loss, steps=train.steps, epochs=[dataclasses.asdict(e) for e in train.epochs],
                       best_epoch=train.best_epoch, stopped_early=train.stopped_early)
     else:
         record["ppl_after_train"] = ppl_after_prune
     verify_masks(ctx.loaded.model, masks)
-    report = measure_sparsity(ctx.loaded.adapter)
+    # Structured pruning removes parameters instead of zeroing them: its sparsity is the
+    # measured fraction of prunable parameters gone.
+    sparsity = record["structured"]["sparsity"] if config.is_structured else measure_sparsity(ctx.loaded.adapter).overall
     record.update(
-        sparsity=report.overall, ppl_after_prune=ppl_after_prune, ppl_before=before,
-        recovery_pct=recovery_pct(before, ppl_after_prune, record["ppl_after_train"]),
+        sparsity=sparsity, ppl_after_prune=ppl_after_prune, ppl_before=before,
+        recovery_pct=recovery_pct(before, ppl_after_prune, record["ppl_after_train"])
+        if ppl_after_prune is not None else None,
         time_s=round(time.perf_counter() - started, 3), peak_memory_mb=round(peak_memory_mb(ctx.device), 1),
     )
-    logger.info("iteration %d/%d: sparsity %.4f, ppl after pruning %.4f, after training %.4f",
-                index + 1, len(state.levels), report.overall, ppl_after_prune, record["ppl_after_train"])
+    logger.info("iteration %d/%d: sparsity %.4f, ppl after pruning %s, after training %.4f",
+                index + 1, len(state.levels), sparsity,
+                "-" if ppl_after_prune is None else f"{ppl_after_prune:.4f}", record["ppl_after_train"])
     return record, masks
+
+
+def sample_generation(ctx: TrialContext, prompt_tokens: int = 16, new_tokens: int = 24) -> dict[str, str]:
+    """Greedy continuation of the start of the evaluation text: shows the model still generates."""
+    model, tokenizer = ctx.loaded.model, ctx.loaded.tokenizer
+    prompt = ctx.eval_stream[:prompt_tokens].view(1, -1).to(ctx.device)
+    new_tokens = max(1, min(new_tokens, ctx.settings.context_length - prompt.shape[1]))
+    with torch.inference_mode():
+        out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+    return {"prompt": tokenizer.decode(prompt[0]), "continuation": tokenizer.decode(out[0, prompt.shape[1]:])}
 
 
 def _record_failure(ctx: TrialContext, state: TrialState, index: int, reason: str) -> None:
@@ -508,14 +552,15 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
         "model_path": loaded.path,
         "family": loaded.adapter.family,
         "method": config.method,
-        "pattern": config.pattern.label,
+        "pattern": "structured" if config.is_structured else config.pattern.label,
         "schedule": config.schedule,
         "recovery": config.recovery,
-        "sparsity_target": config.pattern.ratio,
-        "sparsity_measured": report.overall,
+        "sparsity_target": config.target_ratio,
+        "sparsity_measured": last["sparsity"] if config.is_structured and last else report.overall,
         "iterations": len(state.history),
         "ppl_dense": state.ppl_dense,
         "ppl_pruned": last.get("ppl_after_prune", state.ppl_dense),
+        "sample_after_prune": last.get("sample_after_prune"),
         "ppl_final": ppl_final,
         "ppl_best": min(at_target),
         "best_iteration": {k: best_iteration[k] for k in ("iteration", "sparsity", "ppl_after_train")}
@@ -534,8 +579,11 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
             "eval_stride": settings.eval_stride,
             "eval_windows": len(window_starts(ctx.eval_stream.numel(), settings.eval_seqlen, settings.eval_stride,
                                               config.eval_max_windows)),
-            "calib_data": resolve_source(settings.calib_data, "calibration").describe() if ctx.calib is not None else None,
+            "calib_data": resolve_source(settings.calib_data, "calibration").describe()
+            if ctx.calib is not None or ctx.taylor_windows is not None else None,
             "nsamples": config.nsamples if ctx.calib is not None else 0,
+            "taylor_examples": config.num_examples if ctx.taylor_windows is not None else 0,
+            "taylor_seqlen": settings.taylor_seqlen if ctx.taylor_windows is not None else None,
             "seqlen": settings.seqlen,
             "train_data": resolve_source(settings.train_data, "calibration").describe()
             if ctx.train_windows is not None else None,
@@ -548,6 +596,7 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
         },
         "stats_cache": ctx.cache.events if ctx.cache is not None else None,
         "layer_importance": state.layer_importance,
+        "structured": last.get("structured"),
         "versions": {"raysparse": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
         "config": config.to_dict(),
     }
