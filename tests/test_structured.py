@@ -230,3 +230,21 @@ def test_structured_settings_are_refused_for_unstructured_methods(saved_model_di
     args[args.index("structured")] = "wanda"
     assert prune_main(args + ["--pruning-ratio", "0.3"]) == 2
     assert "pruning_ratio applies to --method structured" in capsys.readouterr().err
+
+
+def test_taylor_scores_are_computed_once_per_key_through_the_stats_cache(saved_model_dir, text_files, tmp_path):
+    from raysparse.trial import run_trial
+
+    model_dir = saved_model_dir("llama")
+    base = dict(model=str(model_dir), method="structured", calib_data=str(text_files["calib"]),
+                eval_data=str(text_files["eval"]), seqlen=32, eval_seqlen=32, num_examples=4, max_seq_len=32,
+                stats_cache=str(tmp_path / "cache"))
+    first = run_trial(dict(base, pruning_ratio=0.2)).summary
+    second = run_trial(dict(base, pruning_ratio=0.4)).summary  # another ratio, same dense-model scores
+    third = run_trial(dict(base, pruning_ratio=0.4, num_examples=5)).summary  # another key
+
+    def outcome(summary):
+        return [e["outcome"] for e in summary["stats_cache"] if e["kind"] == "taylor_scores"]
+
+    assert outcome(first) == ["computed"] and outcome(second) == ["hit"] and outcome(third) == ["computed"]
+    assert second["structured"]["params_after"] < first["structured"]["params_after"]
