@@ -378,7 +378,7 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
             workers=config.workers, storage_path=str(storage), run_name=f"recovery-iter{iteration:03d}",
             use_gpu=ctx.device.type == "cuda",
         )
-        return {"train": result, "ppl_after_train": result.final_ppl}
+        return {"train": result, "ppl_after_train": result.final_ppl, "workers": config.workers}
     from .recover.masked import train_masked
 
     result = train_masked(ctx.loaded.model, masks, ctx.train_windows, settings,

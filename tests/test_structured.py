@@ -248,3 +248,40 @@ def test_taylor_scores_are_computed_once_per_key_through_the_stats_cache(saved_m
 
     assert outcome(first) == ["computed"] and outcome(second) == ["hit"] and outcome(third) == ["computed"]
     assert second["structured"]["params_after"] < first["structured"]["params_after"]
+
+
+def build_gqa_variant(family: str):
+    """Qwen2 (biased q/k/v projections) and Qwen3 (per-head q/k norms): GQA variants of Llama."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=128)
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common)).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_gqa_variants_shrink_exactly_and_reload(family, tmp_path):
+    import raysparse.shrunk_models as shrunk_models
+    from transformers import AutoModelForCausalLM
+
+    model = build_gqa_variant(family)
+    reference = copy.deepcopy(model)
+    adapter = get_adapter(model)
+    shrink_layer(adapter, adapter.decoder_layers()[0], torch.tensor([1, 2, 3]),
+                 torch.tensor([c for c in range(128) if c != 5]))
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (24, 64)
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.k_proj.bias.shape == (24,)  # biases sliced with their rows
+    ref_layer = reference.model.layers[0]
+    zero_inputs(ref_layer.self_attn.o_proj, slice(0, 16), False)  # group 0 = query heads 0, 1
+    zero_inputs(ref_layer.mlp.down_proj, [5], False)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-5, rtol=1e-5)
+    shrunk_models.mark_shrunk(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.model_type == f"raysparse_{family}"
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids))
