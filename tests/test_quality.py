@@ -68,3 +68,15 @@ def test_recovery_helps_and_iterative_beats_oneshot_at_80_percent(tiny_preset):
     assert last["recovery_pct"] > 0
     assert iterative["sparsity_measured"] == pytest.approx(0.8, abs=1e-4)
     assert iterative["ppl_final"] < oneshot["ppl_final"]
+
+
+def test_structured_importance_allocation_beats_uniform_on_the_tiny_preset(tiny_preset):
+    """Unbalanced structured pruning: at 40%, inverse ratios from layer importance lose less."""
+    common = dict(method="structured", pruning_ratio=0.4, eval_max_windows=40, importance_samples=32,
+                  max_pruning_rate=0.8)
+    uniform = prune_model(PruneConfig(**common)).summary
+    inverse = prune_model(PruneConfig(pruning_strategy="inverse", **common)).summary
+    assert uniform["ppl_pruned"] > uniform["ppl_dense"] and inverse["ppl_pruned"] > inverse["ppl_dense"]
+    assert inverse["ppl_pruned"] < 0.95 * uniform["ppl_pruned"]
+    for summary in (uniform, inverse):  # both removed the same share of the pruned layers' parameters
+        assert summary["structured"]["ratio_achieved"] == pytest.approx(0.4, abs=0.005)
