@@ -502,9 +502,13 @@ def _run_iteration(ctx: TrialContext, state: TrialState, index: int,
     verify_masks(ctx.loaded.model, masks)
     # Structured pruning removes parameters instead of zeroing them: its sparsity is the
     # measured fraction of prunable parameters gone.
-    sparsity = record["structured"]["sparsity"] if config.is_structured else measure_sparsity(ctx.loaded.adapter).overall
+    report = measure_sparsity(ctx.loaded.adapter)
+    sparsity = record["structured"]["sparsity"] if config.is_structured else report.overall
     record.update(
         sparsity=sparsity, ppl_after_prune=ppl_after_prune, ppl_before=before,
+        # Parameters left that are not zero (the model size a ppl-vs-size Pareto front trades against).
+        params_remaining=sum(p.numel() for p in ctx.loaded.model.parameters()) - report.zero_params,
+        iterations_planned=len(state.levels),
         recovery_pct=recovery_pct(before, ppl_after_prune, record["ppl_after_train"])
         if ppl_after_prune is not None else None,
         time_s=round(time.perf_counter() - started, 3), peak_memory_mb=round(peak_memory_mb(ctx.device), 1),
