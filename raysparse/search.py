@@ -33,6 +33,7 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "default
 OBJECTIVES: dict[str, tuple[list[str], list[str]]] = {
     "final_ppl": (["final_ppl"], ["min"]),
     "ppl_vs_compute": (["final_ppl", "train_steps_total"], ["min", "min"]),
+    "ppl_vs_params": (["final_ppl", "params_remaining"], ["min", "min"]),
 }
 
 
@@ -78,6 +79,11 @@ def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
         "iteration": int(record["iteration"]),
         "train_steps_total": int(steps_so_far),
         "recovery_pct": record.get("recovery_pct"),
+        "params_remaining": record.get("params_remaining"),
+        # The last schedule step finished the trial's work: if the scheduler stops it at this
+        # report (a one-shot trial at its only milestone), it still counts as completed.
+        "completed": record.get("iterations_planned") is not None
+        and int(record["iteration"]) >= int(record["iterations_planned"]),
     }
 
 
@@ -327,7 +333,8 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             "error": error_reason(result.error) if result.error else None,
             **{f"param_{k}": v for k, v in params.items()},
             **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
-                                            "train_steps_total", "ppl_after_prune", "recovery_pct",
+                                            "train_steps_total", "params_remaining", "ppl_after_prune",
+                                            "recovery_pct",
                                             "node_id", "attempt")},
             "path": result.path,
         }
@@ -356,7 +363,7 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
     study_url = export_study(study, experiment) if study is not None else None
     return {"experiment": str(experiment), "rows": rows, "best": best, "pareto": pareto,
             "best_config": str(best_config_path) if best_config_path else None, "plots": plots,
-            "optuna_storage": study_url}
+            "optuna_storage": study_url, "pareto_metrics": metrics_names}
 
 
 def error_reason(error: BaseException) -> str:
@@ -390,8 +397,9 @@ def format_report(report: dict[str, Any]) -> str:
     else:
         lines.append("no trial completed")
     if report.get("pareto"):
-        lines.append("pareto set (final_ppl vs train steps): " + ", ".join(
-            f"{r['trial_id']} ({r['final_ppl']:.3f}, {r['train_steps_total']})" for r in report["pareto"]))
+        names = report.get("pareto_metrics") or ["final_ppl", "train_steps_total"]
+        lines.append(f"pareto set ({' vs '.join(names)}): " + ", ".join(
+            f"{r['trial_id']} (" + ", ".join(_fmt(r[name]) for name in names) + ")" for r in report["pareto"]))
     lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}")
     if report.get("cache"):
         cache = report["cache"]

@@ -223,6 +223,9 @@ def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storag
                                           checkpoint_score_order="min")
                          if scored else CheckpointConfig(num_to_keep=1))
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    # Read when the trainer is built: lists the run in the dashboard's Train tab (its state
+    # actor lives on the head node, outside any Tune trial's placement group). Opt out with 0.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"job": ray.put(job), "state": ray.put(state)},

@@ -1,0 +1,30 @@
+"""What each trial reports to Tune: every objective's metrics, and when a trial counts as completed."""
+import pytest
+
+from raysparse.search import OBJECTIVES, SearchSettings, _trial_metrics, format_report
+
+RECORD = {"ppl_after_train": 20.0, "ppl_after_prune": 25.0, "sparsity": 0.5, "iteration": 1,
+          "iterations_planned": 3, "params_remaining": 1000, "recovery_pct": 10.0}
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_every_objective_is_reported_by_every_trial(objective):
+    SearchSettings(objective=objective).validate()
+    metrics = _trial_metrics(RECORD, steps_so_far=8)
+    for name in OBJECTIVES[objective][0]:
+        assert metrics[name] is not None, name
+
+
+def test_only_the_last_schedule_step_marks_a_trial_completed():
+    # A one-shot trial cut by ASHA at its only milestone has done all its work: completed, not stopped.
+    assert _trial_metrics(RECORD, 0)["completed"] is False
+    assert _trial_metrics(dict(RECORD, iteration=3), 0)["completed"] is True
+    assert _trial_metrics({k: v for k, v in RECORD.items() if k != "iterations_planned"}, 0)["completed"] is False
+
+
+def test_the_pareto_line_names_the_objective_metrics():
+    row = {"trial_id": "a", "status": "completed", "error": None, "final_ppl": 20.0, "sparsity": 0.25,
+           "params_remaining": 685184}
+    text = format_report({"rows": [row], "best": row, "best_config": "b.json", "pareto": [row],
+                          "pareto_metrics": ["final_ppl", "params_remaining"], "experiment": "x"})
+    assert "pareto set (final_ppl vs params_remaining): a (20, 685184)" in text
