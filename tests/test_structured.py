@@ -285,3 +285,20 @@ def test_gqa_variants_shrink_exactly_and_reload(family, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.config.model_type == f"raysparse_{family}"
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_mha_families_prune_structurally_through_the_cli(family, saved_model_dir, text_files, tmp_path):
+    from raysparse.data import resolve_source, token_stream
+    from raysparse.evaluate import perplexity
+    from raysparse.models import load_model
+
+    out = tmp_path / family
+    assert prune_main(cli_args(saved_model_dir(family), text_files, out) + ["--pruning-ratio", "0.3", "--save"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    plans = summary["structured"]["layers"]
+    assert all(p["heads_after"] < p["heads_before"] for p in plans)  # 4 heads, ratio 0.3: one head goes
+    assert all(p["groups_before"] == p["heads_before"] for p in plans)  # MHA: a group is one head
+    loaded = load_model(str(out / "model"), device="cpu")
+    stream = token_stream(loaded.tokenizer, resolve_source(str(text_files["eval"]), "evaluation"))
+    assert perplexity(loaded.model, stream, 32, progress=False).ppl == pytest.approx(summary["ppl_final"], rel=1e-5)
