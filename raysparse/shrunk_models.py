@@ -12,13 +12,18 @@ memory is spent on the full size).
 Importing this module registers the classes with `AutoConfig` / `AutoModelForCausalLM`
 (the Hugging Face convention for custom architectures), after which
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a saved shrunk model; raysparse's own
-loader imports it automatically. Everything else (forward, generate, LoRA, FSDP) is the
+loader imports it automatically. Tools that never import raysparse (an evaluation harness,
+say) load the folder with ``trust_remote_code=True``: `save_pretrained` writes a two-line
+``modeling_raysparse.py`` beside the weights and names it in the config's ``auto_map``; it
+only imports these classes, so raysparse must be installed there. Everything else (forward, generate, LoRA, FSDP) is the
 family's own code: the attention reads head counts from the sliced projection sizes.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -43,6 +48,7 @@ from .models import SHRUNK_PREFIX, LayerShape, base_model_type, get_adapter
 from .shrink import layer_shapes, resize_to_shapes
 
 LAYER_SHAPES_KEY = "raysparse_layer_shapes"
+REMOTE_CODE_MODULE = "modeling_raysparse"
 
 
 class _ShrunkModelMixin:
@@ -53,6 +59,17 @@ class _ShrunkModelMixin:
         shapes = getattr(config, LAYER_SHAPES_KEY, None)
         if shapes:
             resize_to_shapes(get_adapter(self), [LayerShape(**shape) for shape in shapes])  # type: ignore[arg-type]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """Save as the family does, plus the loader file that `trust_remote_code=True` imports."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+        config_cls = type(self.config)  # type: ignore[attr-defined]
+        (Path(save_directory) / f"{REMOTE_CODE_MODULE}.py").write_text(
+            '"""Loads a model structurally pruned by raysparse (needs `pip install raysparse`)."""\n'
+            f"from raysparse.shrunk_models import {config_cls.__name__}, {type(self).__name__}  # noqa: F401\n",
+            encoding="utf-8",
+        )
+        return result
 
 
 class ShrunkLlamaConfig(LlamaConfig):
@@ -141,6 +158,8 @@ def mark_shrunk(model: nn.Module) -> None:
     new_config.__dict__.pop("model_type", None)  # the class attribute names the shrunk type
     setattr(new_config, LAYER_SHAPES_KEY, [dataclasses.asdict(shape) for shape in layer_shapes(adapter)])
     new_config.architectures = [model_cls.__name__]
+    new_config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.{config_cls.__name__}",
+                           "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.{model_cls.__name__}"}
     for module in model.modules():  # every submodule that shares the config object
         if getattr(module, "config", None) is old_config:
             module.config = new_config

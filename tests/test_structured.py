@@ -302,3 +302,31 @@ def test_mha_families_prune_structurally_through_the_cli(family, saved_model_dir
     loaded = load_model(str(out / "model"), device="cpu")
     stream = token_stream(loaded.tokenizer, resolve_source(str(text_files["eval"]), "evaluation"))
     assert perplexity(loaded.model, stream, 32, progress=False).ppl == pytest.approx(summary["ppl_final"], rel=1e-5)
+
+
+def test_a_saved_shrunk_model_loads_with_trust_remote_code_without_importing_raysparse(tmp_path):
+    """What an evaluation harness does: AutoModelForCausalLM + trust_remote_code, nothing else."""
+    import subprocess
+    import sys
+
+    import raysparse.shrunk_models as shrunk_models
+
+    model = build_model("llama")
+    scores = [LayerUnitScores(i, torch.rand(4).tolist(), torch.rand(128).tolist()) for i in range(2)]
+    prune_structured(get_adapter(model), scores, [0.3, 0.1])
+    shrunk_models.mark_shrunk(model)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.arange(12).view(1, -1)
+    torch.save(logits(model, ids), tmp_path / "expected.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)\n"
+        "with torch.no_grad():\n"
+        "    got = model(torch.arange(12).view(1, -1)).logits\n"
+        f"assert torch.allclose(got, torch.load({str(tmp_path / 'expected.pt')!r}), atol=1e-6)\n"
+        "print(type(model).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ShrunkLlamaForCausalLM")
