@@ -87,31 +87,43 @@ def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
     }
 
 
-def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: str | None = None) -> None:
-    """Tune function trainable: one raysparse trial; its output lives in the Tune trial dir."""
+def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: str | None = None,
+                     trials_root: str | None = None) -> None:
+    """Tune function trainable: one raysparse trial, its output in `<trial folder>/trial`.
+
+    With a filesystem storage path (`trials_root`, shared by every node in a multi-node
+    run) the output goes straight to the trial's folder there, not to Tune's node-local
+    staging folder (`get_trial_dir()`, synced only from the driver's node): a retry after
+    a node failure, on whichever node, then finds the per-iteration checkpoint (and the
+    per-epoch checkpoints of distributed recovery) and continues after the last finished
+    iteration instead of starting over.
+    """
+    import ray
     from ray import tune
 
+    from .attempts import finished_summary, last_attempt, record_attempt
     from .trial import run_trial
 
     config = space.sample_config(params)
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    config = dataclasses.replace(config, output=str(trial_dir / "trial"), resume=True, stats_cache=stats_cache)
+    local_dir = Path(tune.get_context().get_trial_dir())
+    output = (Path(trials_root) / local_dir.name if trials_root else local_dir) / "trial"
+    config = dataclasses.replace(config, output=str(output), resume=True, stats_cache=stats_cache)
     steps = {"total": 0}
-    import ray
-
-    # Trial placement, and which attempt this is (> 1: Tune retried it after a failure).
-    attempts_file = trial_dir / "trial" / "attempts"
-    attempts_file.parent.mkdir(parents=True, exist_ok=True)
-    attempts = (int(attempts_file.read_text()) if attempts_file.is_file() else 0) + 1
-    attempts_file.write_text(str(attempts))
-    node = {"node_id": ray.get_runtime_context().get_node_id(), "attempt": attempts}
+    node: dict[str, Any] = {}
 
     def report(record: dict[str, Any]) -> None:
         steps["total"] += int(record.get("steps") or 0)
         tune.report({**_trial_metrics(record, steps["total"]), **node})
 
-    result = run_trial(config, reporter=report)
-    summary = result.summary
+    summary = finished_summary(output, config.to_dict())
+    if summary is not None:  # finished before a driver kill: replay its reports, do not re-run
+        node.update(last_attempt(output) or {})
+        for record in summary["history"]:
+            report(record)
+    else:
+        # Placement and attempt (> 1: Tune retried it after a failure; resumed_after: from which iteration).
+        node.update(record_attempt(output, ray.get_runtime_context().get_node_id()))
+        summary = run_trial(config, reporter=report).summary
     final = _trial_metrics(summary["history"][-1], steps["total"])
     final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"], **node)
     tune.report(final)
@@ -174,6 +186,10 @@ def _connect(settings: SearchSettings) -> None:
 
     if ray.is_initialized():
         return
+    if settings.address:
+        from .preflight import check_address_reachable
+
+        check_address_reachable(settings.address)  # ray.init would hang for minutes on a dead address
     try:
         if settings.address:
             ray.init(address=settings.address, log_to_driver=False)
@@ -250,15 +266,17 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         experiment = Path(_storage_root(settings)) / name
     _connect(settings)
     _check_resources(settings, space)
+    from .preflight import check_shared_storage
+
+    check_shared_storage(settings.storage if "://" in settings.storage else str(experiment.parent))
 
     stats_dir = _stats_cache_dir(settings, experiment)
     coordinator = None
     if stats_dir is not None:
-        from .cache import start_coordinator
-
-        coordinator = start_coordinator(stats_dir)
+        coordinator = _start_coordinator_on_driver_node(stats_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir),
+        tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir,
+                             trials_root=None if "://" in settings.storage else str(experiment)),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     started = time.perf_counter()
@@ -286,6 +304,25 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
 
         report["cache"] = ray.get(coordinator.get_stats.remote())
     return report
+
+
+def _start_coordinator_on_driver_node(stats_dir: str):
+    """The statistics-cache coordinator, pinned to the driver's node.
+
+    `cache.start_coordinator` lets Ray place it on any node; on a cluster it can land on a
+    worker, and when that worker is lost every trial's next cache call (and the search)
+    fails with ActorDiedError (seen in the node-kill test). The driver's node lives as long
+    as the search does.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .cache import CacheCoordinator, actor_name
+
+    Path(stats_dir).mkdir(parents=True, exist_ok=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(CacheCoordinator).options(
+        name=actor_name(stats_dir), get_if_exists=True, scheduling_strategy=here).remote(str(stats_dir))
 
 
 def _stats_cache_dir(settings: SearchSettings, experiment: Path) -> str | None:
@@ -335,7 +372,7 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
                                             "train_steps_total", "params_remaining", "ppl_after_prune",
                                             "recovery_pct",
-                                            "node_id", "attempt")},
+                                            "node_id", "attempt", "resumed_after")},
             "path": result.path,
         }
         rows.append(row)

@@ -1,12 +1,11 @@
 """A head and a worker node started with `ray start` on loopback; a search uses both."""
-import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from loopback import start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -26,44 +25,56 @@ params:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster(tiny_preset):
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    if not Path(ray_cli).exists():
-        ray_cli = shutil.which("ray")
-    # Ray 2.60 clusters use token auth once a token exists: make one and use it everywhere.
-    env = dict(os.environ, RAY_AUTH_MODE="token")
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
-    port = free_port()
-    common = ["--num-cpus=1", "--disable-usage-stats"]
+    cluster = start_cluster(head_cpus=1, worker_cpus=[1])
     try:
-        subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}", env
+        yield cluster
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        cluster.stop()
 
 
 def test_a_search_with_address_schedules_trials_on_both_nodes(two_node_cluster, tmp_path):
     import pyarrow.csv as pacsv
 
-    address, env = two_node_cluster
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "search.py"), "--space", str(space),
-                           "--address", address, "--num-samples", "4", "--max-concurrent", "2",
+                           "--address", two_node_cluster.address, "--num-samples", "4", "--max-concurrent", "2",
                            "--storage", str(tmp_path / "runs"), "--name", "two", "--no-early-stopping"],
-                          env=env, capture_output=True, text=True, timeout=400)
+                          env=two_node_cluster.env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = pacsv.read_csv(tmp_path / "runs" / "two" / "results.csv").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     assert len({r["node_id"] for r in rows}) == 2  # trial placement is recorded and spans both nodes
+    # Trial folders are written straight to the storage path, whichever node ran them.
+    assert len(list((tmp_path / "runs" / "two").glob("*/trial/summary.json"))) == 4
 
+
+PROBE = """
+import sys, ray
+from raysparse.errors import ConfigError
+from raysparse.preflight import check_shared_storage, unshared_nodes
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("absolute", unshared_nodes(sys.argv[2]))
+try:
+    check_shared_storage(".")
+except ConfigError as exc:
+    print("relative", exc)
+"""
+
+
+def test_storage_that_differs_between_nodes_is_detected(two_node_cluster, tmp_path):
+    """A relative path names a different folder for the driver and for each node's workers
+    (their working directories differ): the same situation as a node-local disk. Run in a
+    child process: token auth is read once per process, at Ray's import."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, two_node_cluster.address, str(tmp_path)], cwd=tmp_path,
+                          env={**two_node_cluster.env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "absolute []" in lines  # one filesystem: shared
+    relative = [line for line in lines if line.startswith("relative ")]
+    assert relative and "not shared across the cluster's nodes" in relative[0], proc.stdout
+    assert relative[0].count("node ") == 2  # both nodes named
+    assert not list(tmp_path.glob(".raysparse-shared-*"))  # the probe file is cleaned up
