@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""The main job: `python launch/search.py --objective final_ppl` (local Ray, tiny preset, CPU space)."""
+"""The main job: `python launch/search.py --objective final_ppl` (local Ray, tiny preset, CPU space).
+
+`--plan` prints resources per trial, how many trials fit the cluster and a measured time estimate,
+then exits without searching; `--address` runs on a cluster (see docs/OPERATORS.md).
+"""
 import sys
 from pathlib import Path
 

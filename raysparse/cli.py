@@ -241,6 +241,9 @@ def build_search_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-sparsity-pct", type=int, default=defaults.grace_sparsity_pct,
                    help="first ASHA milestone, in percent sparsity")
     p.add_argument("--resume", default=None, help="experiment folder of an interrupted search")
+    p.add_argument("--plan", action="store_true",
+                   help="print resources per trial, concurrent trials that fit the cluster and a time estimate "
+                        "from a short measured warm-up; launch no search")
     return p
 
 
@@ -249,7 +252,17 @@ def search_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .search import SearchSettings, format_report, run_search
 
-    values = {k: v for k, v in vars(args).items() if k != "resume"}
+    values = {k: v for k, v in vars(args).items() if k not in ("resume", "plan")}
+    if args.plan:
+        if args.resume:
+            return fail("--plan plans a new search: drop --resume (a resumed search keeps its recorded settings)")
+        from .plan import format_plan, make_plan
+
+        try:
+            print(format_plan(make_plan(SearchSettings(**values))))
+        except RaysparseError as exc:
+            return fail(str(exc))
+        return 0
     try:
         report = run_search(SearchSettings(**values), resume=args.resume)
     except RaysparseError as exc:
