@@ -66,6 +66,13 @@ class SearchSettings:
             raise ConfigError("--cpus-per-trial must be > 0 (a Tune trial cannot hold zero CPUs; use e.g. 0.2)")
         if self.searcher not in ("optuna", "random"):
             raise ConfigError(f"unknown searcher '{self.searcher}': choose optuna or random")
+        if "://" in self.storage:
+            # Trials write their folders (checkpoints, summaries, the statistics cache) straight
+            # to the storage path from whichever node they run on; that needs a filesystem.
+            raise ConfigError(
+                f"--storage {self.storage}: object storage (s3://, gs://) is not supported yet; give a "
+                "folder every node mounts at the same path (NFS, EFS, Lustre), e.g. /mnt/shared/raysparse"
+            )
         return self
 
 
