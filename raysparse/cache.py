@@ -81,14 +81,21 @@ def actor_name(directory: str | Path) -> str:
 
 
 def start_coordinator(directory: str | Path):
-    """Create (or find) the named coordinator actor. Call it from the search driver: an actor
-    created inside a trial lives in the trial's placement group and dies with it."""
+    """Create (or find) the named coordinator actor on the caller's node.
+
+    Call it from the search driver: an actor created inside a trial lives in the trial's
+    placement group and dies with it. It is pinned to the driver's node because that node
+    lives as long as the search; placed on a worker that is then lost, every trial's next
+    cache call (and so the search) would fail with ActorDiedError (seen in the node-kill test).
+    """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     Path(directory).mkdir(parents=True, exist_ok=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     remote = ray.remote(num_cpus=0)(CacheCoordinator)
     return remote.options(name=actor_name(directory), get_if_exists=True,
-                          scheduling_strategy="DEFAULT").remote(str(directory))
+                          scheduling_strategy=here).remote(str(directory))
 
 
 class StatsCache:

@@ -280,7 +280,9 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     stats_dir = _stats_cache_dir(settings, experiment)
     coordinator = None
     if stats_dir is not None:
-        coordinator = _start_coordinator_on_driver_node(stats_dir)
+        from .cache import start_coordinator
+
+        coordinator = start_coordinator(stats_dir)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir,
                              trials_root=None if "://" in settings.storage else str(experiment)),
@@ -311,25 +313,6 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
 
         report["cache"] = ray.get(coordinator.get_stats.remote())
     return report
-
-
-def _start_coordinator_on_driver_node(stats_dir: str):
-    """The statistics-cache coordinator, pinned to the driver's node.
-
-    `cache.start_coordinator` lets Ray place it on any node; on a cluster it can land on a
-    worker, and when that worker is lost every trial's next cache call (and the search)
-    fails with ActorDiedError (seen in the node-kill test). The driver's node lives as long
-    as the search does.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from .cache import CacheCoordinator, actor_name
-
-    Path(stats_dir).mkdir(parents=True, exist_ok=True)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(CacheCoordinator).options(
-        name=actor_name(stats_dir), get_if_exists=True, scheduling_strategy=here).remote(str(stats_dir))
 
 
 def _stats_cache_dir(settings: SearchSettings, experiment: Path) -> str | None:
