@@ -231,6 +231,9 @@ def build_search_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent)
     p.add_argument("--cpus-per-trial", type=float, default=defaults.cpus_per_trial)
     p.add_argument("--gpus-per-trial", type=float, default=defaults.gpus_per_trial)
+    p.add_argument("--driver-resource", default=defaults.driver_resource,
+                   help="custom resource each trial also holds (1 unit), e.g. driver: keeps trials and their "
+                        "Train drivers on the nodes that offer it (cluster.yaml: the head)")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray instance")
     p.add_argument("--storage", default=defaults.storage, help="folder (or s3://, gs://) for results")
     p.add_argument("--name", default=None, help="experiment name (default search-<timestamp>)")

@@ -126,6 +126,8 @@ def make_plan(settings) -> dict[str, Any]:
     resources = trial_resources(space, settings.cpus_per_trial, settings.gpus_per_trial)
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     fits = concurrent_trials(resources, nodes)
+    if settings.driver_resource:  # each trial also holds one unit of it
+        fits = min(fits, int(sum(node.get(settings.driver_resource, 0.0) for node in nodes)))
     concurrency = max(1, min(fits, settings.max_concurrent, settings.num_samples))
 
     first = {name: spec.first() for name, spec in space.params.items()}

@@ -55,6 +55,9 @@ class SearchSettings:
     early_stopping: bool = True
     grace_sparsity_pct: int = 20
     searcher: str = "optuna"  # or "random" (the baseline a model-based search must beat)
+    # A custom resource each trial (its Train driver) also holds, e.g. "driver", which
+    # cluster.yaml gives only the head node: trials then never sit on spot GPU workers.
+    driver_resource: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "SearchSettings":
@@ -66,6 +69,10 @@ class SearchSettings:
             raise ConfigError("--cpus-per-trial must be > 0 (a Tune trial cannot hold zero CPUs; use e.g. 0.2)")
         if self.searcher not in ("optuna", "random"):
             raise ConfigError(f"unknown searcher '{self.searcher}': choose optuna or random")
+        if self.driver_resource is not None and (not self.driver_resource.strip()
+                                                 or self.driver_resource.lower() in ("cpu", "gpu", "memory")):
+            raise ConfigError(f"--driver-resource '{self.driver_resource}' must name a custom resource, "
+                              "e.g. driver (cluster.yaml gives the head node {\"driver\": 8})")
         if "://" in self.storage:
             # Trials write their folders (checkpoints, summaries, the statistics cache) straight
             # to the storage path from whichever node they run on; that needs a filesystem.
@@ -234,6 +241,12 @@ def _check_resources(settings: SearchSettings, space: SearchSpace) -> None:
             f"--gpus-per-trial {settings.gpus_per_trial:g} but the cluster has {resources.get('GPU', 0):g} GPUs: "
             "trials would wait forever; use --gpus-per-trial 0 or add GPU nodes"
         )
+    if settings.driver_resource and resources.get(settings.driver_resource, 0) < 1:
+        raise ConfigError(
+            f"--driver-resource {settings.driver_resource}: no node of the cluster offers that resource, so "
+            "trials would wait forever; start the head with it (ray start --resources "
+            f"'{{\"{settings.driver_resource}\": 8}}', as cluster.yaml does) or drop the flag"
+        )
     if resources.get("CPU", 0) < settings.cpus_per_trial:
         raise ConfigError(
             f"--cpus-per-trial {settings.cpus_per_trial:g} but the cluster has {resources.get('CPU', 0):g} CPUs"
@@ -286,7 +299,8 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir,
                              trials_root=None if "://" in settings.storage else str(experiment)),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial,
+         **({settings.driver_resource: 1} if settings.driver_resource else {})},
     )
     started = time.perf_counter()
     searcher = None

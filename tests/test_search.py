@@ -89,6 +89,9 @@ def test_pareto_front_keeps_only_non_dominated_rows():
     (["--resume", "/tmp"], "not a raysparse search folder"),
     (["--storage", "/proc/raysparse"], "cannot be written"),
     (["--space", "WORKERS_SPACE"], "workers=4 need 1 CPU for the trial"),
+    (["--driver-resource", "driver"], "no node of the cluster offers that resource"),
+    (["--driver-resource", "gpu"], "must name a custom resource"),
+    (["--storage", "s3://bucket/raysparse"], "object storage"),
 ])
 def test_search_bad_input_is_one_line_exit_2(local_ray, args, fragment, capsys, tmp_path):
     if "WORKERS_SPACE" in args:

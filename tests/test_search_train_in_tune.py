@@ -42,14 +42,15 @@ def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_pr
     monkeypatch.delenv("RAY_TRAIN_ENABLE_STATE_TRACKING", raising=False)
     # 3 logical CPUs on the 2-core machine: 0.5 for the trial (the Train driver) + 2 x 1 for workers.
     # address="local": always a fresh instance, even when a `ray start` cluster runs on the machine.
-    context = ray.init(address="local", num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1",
-                       log_to_driver=False)
+    # A "driver" resource as cluster.yaml gives the head: the trial must hold one unit of it.
+    context = ray.init(address="local", num_cpus=3, resources={"driver": 1}, include_dashboard=True,
+                       dashboard_host="127.0.0.1", log_to_driver=False)
     try:
         space = tmp_path / "space.yaml"
         space.write_text(SPACE)
         report = run_search(SearchSettings(space=str(space), num_samples=1, max_concurrent=1, cpus_per_trial=0.5,
                                            storage=str(tmp_path / "runs"), name="t", searcher="random",
-                                           early_stopping=False, max_failures=0))
+                                           early_stopping=False, max_failures=0, driver_resource="driver"))
         actors = dashboard_get(context.dashboard_url, "/api/v0/actors?limit=1000&detail=1")
         runs = dashboard_get(context.dashboard_url, "/api/train/v2/runs/v1")  # Train V2 runs
     finally:
