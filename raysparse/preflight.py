@@ -112,16 +112,10 @@ def unshared_nodes(storage_root: str, timeout_s: float = PROBE_TIMEOUT_S) -> lis
 
 
 def check_shared_storage(storage_root: str) -> None:
-    """Refuse a multi-node search whose storage folder is not shared by every node."""
-    if "://" in storage_root:
-        import ray
+    """Refuse a multi-node search whose storage folder is not shared by every node.
 
-        if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
-            logger.warning("--storage %s is object storage: Tune's results reach it from every node, but each "
-                           "trial's own folder (summary.json, iteration checkpoints) stays on the node that ran "
-                           "it; a retry on another node starts that trial over. Use a shared folder (NFS) to "
-                           "keep them.", storage_root)
-        return
+    Filesystem storage only: with object storage trials upload their folders instead.
+    """
     missing = unshared_nodes(storage_root)
     if missing:
         raise ConfigError(

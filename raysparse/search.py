@@ -73,13 +73,6 @@ class SearchSettings:
                                                  or self.driver_resource.lower() in ("cpu", "gpu", "memory")):
             raise ConfigError(f"--driver-resource '{self.driver_resource}' must name a custom resource, "
                               "e.g. driver (cluster.yaml gives the head node {\"driver\": 8})")
-        if "://" in self.storage:
-            # Trials write their folders (checkpoints, summaries, the statistics cache) straight
-            # to the storage path from whichever node they run on; that needs a filesystem.
-            raise ConfigError(
-                f"--storage {self.storage}: object storage (s3://, gs://) is not supported yet; give a "
-                "folder every node mounts at the same path (NFS, EFS, Lustre), e.g. /mnt/shared/raysparse"
-            )
         return self
 
 
@@ -102,7 +95,7 @@ def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
 
 
 def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: str | None = None,
-                     trials_root: str | None = None) -> None:
+                     trials_root: str | None = None, storage_uri: str | None = None) -> None:
     """Tune function trainable: one raysparse trial, its output in `<trial folder>/trial`.
 
     With a filesystem storage path (`trials_root`, shared by every node in a multi-node
@@ -110,7 +103,9 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
     staging folder (`get_trial_dir()`, synced only from the driver's node): a retry after
     a node failure, on whichever node, then finds the per-iteration checkpoint (and the
     per-epoch checkpoints of distributed recovery) and continues after the last finished
-    iteration instead of starting over.
+    iteration instead of starting over. With object storage (`storage_uri`) the trial works
+    in the local folder, Tune uploads it on every report, and a start on a node that does
+    not have the folder yet downloads what an earlier attempt uploaded (see object_storage).
     """
     import ray
     from ray import tune
@@ -121,6 +116,10 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
     config = space.sample_config(params)
     local_dir = Path(tune.get_context().get_trial_dir())
     output = (Path(trials_root) / local_dir.name if trials_root else local_dir) / "trial"
+    if storage_uri and not output.exists():
+        from .object_storage import download_dir, join
+
+        download_dir(join(storage_uri, local_dir.name, "trial"), output)
     config = dataclasses.replace(config, output=str(output), resume=True, stats_cache=stats_cache)
     steps = {"total": 0}
     node: dict[str, Any] = {}
@@ -254,8 +253,11 @@ def _check_resources(settings: SearchSettings, space: SearchSpace) -> None:
 
 
 def _storage_root(settings: SearchSettings) -> str:
-    if "://" in settings.storage:
-        return settings.storage
+    from .object_storage import check_writable, is_uri
+
+    if is_uri(settings.storage):
+        check_writable(settings.storage)
+        return settings.storage.rstrip("/")
     root = Path(settings.storage).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -271,26 +273,41 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     """Run (or resume) a search; write the results table and the best config; return a report."""
     from ray import tune
 
+    from .object_storage import is_uri, join, read_text, upload_dir
+
+    remote: str | None = None  # the experiment's URI when --storage is object storage
     if resume:
-        state_file = Path(resume) / SEARCH_STATE_FILE
-        if not state_file.is_file():
+        if is_uri(resume):
+            remote = resume.rstrip("/")
+            text = read_text(join(remote, SEARCH_STATE_FILE))
+            experiment = _local_mirror(remote)
+        else:
+            experiment = Path(resume).resolve()
+            state_file = experiment / SEARCH_STATE_FILE
+            text = state_file.read_text() if state_file.is_file() else None
+        if text is None:
             raise ConfigError(f"{resume} is not a raysparse search folder (no {SEARCH_STATE_FILE})")
-        saved = json.loads(state_file.read_text())
+        saved = json.loads(text)
         settings = SearchSettings(**saved["settings"]).validate()
         space = parse_space(saved["space"], source=saved["space"].get("source"))
-        experiment = Path(resume).resolve()
     else:
         settings.validate()
         space = load_space(settings.space)
         name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
-        experiment = Path(_storage_root(settings)) / name
+        root = _storage_root(settings)
+        if is_uri(root):
+            remote = join(root, name)
+            experiment = _local_mirror(remote)
+        else:
+            experiment = Path(root) / name
     _connect(settings)
     _check_resources(settings, space)
-    from .preflight import check_shared_storage
+    if remote is None:
+        from .preflight import check_shared_storage
 
-    check_shared_storage(settings.storage if "://" in settings.storage else str(experiment.parent))
+        check_shared_storage(str(experiment.parent))
 
-    stats_dir = _stats_cache_dir(settings, experiment)
+    stats_dir = None if remote else _stats_cache_dir(experiment)
     coordinator = None
     if stats_dir is not None:
         from .cache import start_coordinator
@@ -298,29 +315,37 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         coordinator = start_coordinator(stats_dir)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir,
-                             trials_root=None if "://" in settings.storage else str(experiment)),
+                             trials_root=None if remote else str(experiment), storage_uri=remote),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial,
          **({settings.driver_resource: 1} if settings.driver_resource else {})},
     )
     started = time.perf_counter()
     searcher = None
     if resume:
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(remote or str(experiment), trainable=trainable, resume_errored=True)
     else:
         experiment.mkdir(parents=True, exist_ok=True)
         (experiment / SEARCH_STATE_FILE).write_text(json.dumps(
             {"settings": dataclasses.asdict(settings), "space": space.to_dict()}, indent=2, default=str))
+        if remote:
+            upload_dir(experiment, remote)  # so --resume URI works after a driver crash
         searcher = _make_searcher(space, settings)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher,
                                         scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
-                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+            run_config=tune.RunConfig(
+                name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                # Object storage: each trial's folder is uploaded on every report (sync_period 0).
+                sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=0) if remote else None),
         )
     grid = tuner.fit()
     study = _live_study(searcher)
     report = summarise_results(grid, space, settings, experiment, study)
+    if remote:
+        upload_dir(experiment, remote)
+        report.update(experiment=remote, local_copy=str(experiment))
     report["wall_s"] = round(time.perf_counter() - started, 2)
     if coordinator is not None:
         import ray
@@ -329,11 +354,20 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     return report
 
 
-def _stats_cache_dir(settings: SearchSettings, experiment: Path) -> str | None:
-    """Shared statistics live beside the experiments, so later searches reuse them too."""
-    if "://" in str(experiment):
-        return None  # remote storage: each node would need the files; not supported yet
+def _stats_cache_dir(experiment: Path) -> str:
+    """Shared statistics live beside the experiments, so later searches reuse them too.
+
+    Only on a filesystem storage path: the cache's values are files every trial reads, so
+    with object storage (nothing shared to read from) each trial computes its own.
+    """
     return str(experiment.parent / "stats_cache")
+
+
+def _local_mirror(remote: str) -> Path:
+    """Where the driver writes an object-storage experiment's outputs before uploading them."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "raysparse-searches" / remote.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _trial_status(result, target: float) -> str:
@@ -441,7 +475,8 @@ def format_report(report: dict[str, Any]) -> str:
         names = report.get("pareto_metrics") or ["final_ppl", "train_steps_total"]
         lines.append(f"pareto set ({' vs '.join(names)}): " + ", ".join(
             f"{r['trial_id']} (" + ", ".join(_fmt(r[name]) for name in names) + ")" for r in report["pareto"]))
-    lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}")
+    lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}"
+                 + (f" (local copy: {report['local_copy']})" if report.get("local_copy") else ""))
     if report.get("cache"):
         cache = report["cache"]
         lines.append(f"stats cache: {cache['hits']} hits, {cache['misses']} computed, "

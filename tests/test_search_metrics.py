@@ -28,10 +28,3 @@ def test_the_pareto_line_names_the_objective_metrics():
     text = format_report({"rows": [row], "best": row, "best_config": "b.json", "pareto": [row],
                           "pareto_metrics": ["final_ppl", "params_remaining"], "experiment": "x"})
     assert "pareto set (final_ppl vs params_remaining): a (20, 685184)" in text
-
-
-def test_object_storage_is_refused_with_the_fix():
-    from raysparse.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="object storage .* not supported yet.*NFS"):
-        SearchSettings(storage="s3://bucket/raysparse").validate()
