@@ -154,8 +154,8 @@ def taylor_scores(adapter: ModelAdapter, windows: torch.Tensor, layer_indices: S
         model.train(was_training)
 
 
-def plan_layer(layer: int, ratio: float, scores: LayerUnitScores, group_params: int,
-               channel_params: int) -> tuple[LayerPlan, torch.Tensor, torch.Tensor]:
+def plan_layer(layer: int, ratio: float, scores: LayerUnitScores, group_params: int, channel_params: int,
+               queries_per_group: int) -> tuple[LayerPlan, torch.Tensor, torch.Tensor]:
     """Choose the groups and channels one layer loses; return its plan and the units to keep."""
     groups, channels = len(scores.attention), len(scores.mlp)
     params_before = groups * group_params + channels * channel_params
@@ -167,7 +167,8 @@ def plan_layer(layer: int, ratio: float, scores: LayerUnitScores, group_params: 
     keep_channels = torch.sort(torch.argsort(torch.tensor(scores.mlp), descending=True)[:channels - remove_channels]).values
     plan = LayerPlan(
         layer=layer, ratio_target=ratio, groups_before=groups, groups_removed=remove_groups,
-        heads_before=0, heads_after=0, channels_before=channels, channels_removed=remove_channels,
+        heads_before=groups * queries_per_group, heads_after=(groups - remove_groups) * queries_per_group,
+        channels_before=channels, channels_removed=remove_channels,
         params_before=params_before, params_removed=remove_groups * group_params + remove_channels * channel_params,
     )
     return plan, keep_groups, keep_channels
@@ -190,10 +191,9 @@ def prune_structured(adapter: ModelAdapter, scores: Sequence[LayerUnitScores],
             raise ConfigError(f"layer {layer_scores.layer}: the Taylor scores do not match the model "
                               "(were they computed for another model?)")
         plan, keep_groups, keep_channels = plan_layer(
-            layer_scores.layer, ratio, layer_scores, unit_params(adapter, layer, att), unit_params(adapter, layer, mlp))
-        plan.heads_before = att.count * queries_per_group
-        shape = shrink_layer(adapter, layer, keep_groups, keep_channels)
-        plan.heads_after = shape.num_heads
+            layer_scores.layer, ratio, layer_scores, unit_params(adapter, layer, att), unit_params(adapter, layer, mlp),
+            queries_per_group)
+        shrink_layer(adapter, layer, keep_groups, keep_channels)
         result.plans.append(plan)
     logger.info("structured pruning removed %d of %d parameters in %d layers (%.4f)", result.params_removed,
                 result.params_before, len(result.plans),
