@@ -2,9 +2,11 @@
 
 A search whose `--storage` is a URI cannot have trials write their folders straight to
 storage the way a shared filesystem allows. Instead each trial works in its node-local
-folder, Tune uploads that folder on every report (`SyncConfig(sync_artifacts=True)`), and a
-trial that starts on a fresh node (a retry after the first node died) first downloads what
-its earlier attempt uploaded, so it resumes from the last finished iteration. The driver
+folder and mirrors it to storage after every finished iteration (before reporting it, so
+what Tune has seen is always on storage; Tune's own artifact sync is asynchronous and
+skips a sync while one is running), and a trial that starts on a fresh node (a retry after
+the first node died) first downloads what its earlier attempt uploaded, so it resumes from
+the last finished iteration. The driver
 writes its own outputs (results table, plots, best config) locally and uploads them.
 pyarrow does the I/O; its filesystems pick up credentials from the environment or the
 cloud profile, never from raysparse.
@@ -84,3 +86,20 @@ def upload_dir(local: Path, uri: str) -> None:
     fs.create_dir(path, recursive=True)
     pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(),
                           destination_filesystem=fs)
+
+
+def mirror_dir(local: Path, uri: str) -> None:
+    """Upload `local`, then drop top-level entries storage has but `local` no longer does
+    (a finished trial's iteration checkpoint), so storage shows the folder as it is."""
+    import pyarrow.fs
+
+    upload_dir(local, uri)
+    fs, path = _open(uri)
+    present = {entry.name for entry in local.iterdir()}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if name not in present:
+            if info.type == pyarrow.fs.FileType.Directory:
+                fs.delete_dir(info.path)
+            else:
+                fs.delete_file(info.path)

@@ -104,8 +104,8 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
     a node failure, on whichever node, then finds the per-iteration checkpoint (and the
     per-epoch checkpoints of distributed recovery) and continues after the last finished
     iteration instead of starting over. With object storage (`storage_uri`) the trial works
-    in the local folder, Tune uploads it on every report, and a start on a node that does
-    not have the folder yet downloads what an earlier attempt uploaded (see object_storage).
+    in the local folder and mirrors it to storage before every report, and a start on a
+    node that does not have the folder yet downloads what an earlier attempt uploaded.
     """
     import ray
     from ray import tune
@@ -116,16 +116,21 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
     config = space.sample_config(params)
     local_dir = Path(tune.get_context().get_trial_dir())
     output = (Path(trials_root) / local_dir.name if trials_root else local_dir) / "trial"
-    if storage_uri and not output.exists():
-        from .object_storage import download_dir, join
+    remote_output = None
+    if storage_uri:
+        from .object_storage import download_dir, join, mirror_dir
 
-        download_dir(join(storage_uri, local_dir.name, "trial"), output)
+        remote_output = join(storage_uri, local_dir.name, "trial")
+        if not output.exists():
+            download_dir(remote_output, output)
     config = dataclasses.replace(config, output=str(output), resume=True, stats_cache=stats_cache)
     steps = {"total": 0}
     node: dict[str, Any] = {}
 
     def report(record: dict[str, Any]) -> None:
         steps["total"] += int(record.get("steps") or 0)
+        if remote_output:
+            mirror_dir(output, remote_output)
         tune.report({**_trial_metrics(record, steps["total"]), **node})
 
     summary = finished_summary(output, config.to_dict())
@@ -137,6 +142,8 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
         # Placement and attempt (> 1: Tune retried it after a failure; resumed_after: from which iteration).
         node.update(record_attempt(output, ray.get_runtime_context().get_node_id()))
         summary = run_trial(config, reporter=report).summary
+    if remote_output:
+        mirror_dir(output, remote_output)
     final = _trial_metrics(summary["history"][-1], steps["total"])
     final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"], **node)
     tune.report(final)
@@ -336,9 +343,7 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
                                         scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
             run_config=tune.RunConfig(
                 name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                # Object storage: each trial's folder is uploaded on every report (sync_period 0).
-                sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=0) if remote else None),
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
         )
     grid = tuner.fit()
     study = _live_study(searcher)

@@ -46,18 +46,22 @@ def trial_on_node_with_checkpoint(experiment: Path, node_id: str) -> Path | None
     return None
 
 
-def test_killing_a_worker_node_mid_trial_retries_it_from_its_checkpoint(tiny_preset, tmp_path):
+@pytest.mark.parametrize("storage_kind", ["shared folder", "object storage"])
+def test_killing_a_worker_node_mid_trial_retries_it_from_its_checkpoint(tiny_preset, tmp_path, storage_kind):
+    """Shared folder: trials write to storage directly. Object storage (a file:// URI, the same
+    pyarrow/Tune path as s3://): trials work locally and Tune uploads their folders on report."""
     import pyarrow.csv as pacsv
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     experiment = tmp_path / "runs" / "nodekill"
+    storage = str(tmp_path / "runs") if storage_kind == "shared folder" else (tmp_path / "runs").as_uri()
     cluster = start_cluster(head_cpus=1, worker_cpus=[1], system_config=FAST_DEATH)
     try:
         (victim,) = cluster.worker_node_ids
         search = subprocess.Popen(
             [sys.executable, str(ROOT / "launch" / "search.py"), "--space", str(space), "--address", cluster.address,
-             "--num-samples", "3", "--max-concurrent", "2", "--max-failures", "2", "--storage", str(tmp_path / "runs"),
+             "--num-samples", "3", "--max-concurrent", "2", "--max-failures", "2", "--storage", storage,
              "--name", "nodekill", "--no-early-stopping"],
             env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 240
