@@ -28,7 +28,7 @@ def test_plan_prints_resources_fit_and_a_measured_estimate_without_launching(tin
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         code = search_main(["--plan", "--space", str(space), "--num-samples", "5", "--max-concurrent", "4",
                             "--storage", str(tmp_path / "runs")])

@@ -31,7 +31,7 @@ params:
 
 @pytest.fixture(scope="module")
 def local_ray(tiny_preset):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

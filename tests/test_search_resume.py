@@ -61,7 +61,7 @@ def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path):
         "fixed:\n  model: tiny\n  method: magnitude\n  sparsity: 0.5\n  recovery: masked\n  workers: 2\n"
         "  train_samples: 16\n  max_steps: 2\n  batch_size: 8\n  eval_max_windows: 4\n"
         "params:\n  lr: {loguniform: [1.0e-4, 1.0e-3]}\n")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # 0.5 for the trial + 2 workers
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)  # 0.5 for the trial + 2 workers
     try:
         report = run_search(SearchSettings(space=str(space), num_samples=1, cpus_per_trial=0.5,
                                            storage=str(tmp_path / "runs"), name="tit", early_stopping=False,
