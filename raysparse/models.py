@@ -302,6 +302,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path)
 
 
+def count_params(model: nn.Module) -> int:
+    """All parameters of a model (embeddings and head included)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -379,5 +384,5 @@ def load_model(
     model.eval()
     adapter = get_adapter(model)
     logger.info("loaded %s (%s, %s params, %s)", name_or_path, adapter.family,
-                f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype)
+                f"{count_params(model):,}", torch_dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, path=path)

@@ -13,6 +13,7 @@ import torch
 
 from .latency import measure_latency
 from .masks import Masks
+from .models import count_params
 from .prune.structured import LayerUnitScores, layer_param_counts, prune_structured, timed_taylor_scores
 
 if TYPE_CHECKING:
@@ -49,10 +50,6 @@ def _ratios(ctx: "TrialContext", state: "TrialState", indices: list[int], sizes:
     scores = [state.layer_importance["scores"][i] for i in indices]
     return allocate_ratios(scores, level, config.pruning_strategy, config.alpha, config.min_pruning_rate,
                            config.max_pruning_rate, layer_sizes=sizes)
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def prunable_params(ctx: "TrialContext") -> int:

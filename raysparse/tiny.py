@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from raysparse.errors import DataError, ModelError
+from raysparse.models import count_params
 from raysparse.paths import cache_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def build_tiny_model(out_dir: Path, config: TinyPretrainConfig | None = None) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = _build_model(config, tokenizer)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = count_params(model)
         logger.info(
             "tiny preset: pretraining %d parameters for %d steps on %d train tokens",
             n_params, config.steps, train_stream.numel(),

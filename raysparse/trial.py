@@ -35,7 +35,8 @@ from .errors import ConfigError, RaysparseError
 from .evaluate import perplexity, window_starts
 from .masks import Masks, apply_masks, load_masks, masks_from_weights, measure_sparsity, save_masks, verify_masks
 from .paths import write_json_atomic
-from .models import LoadedModel, get_adapter, load_config, load_model, resolve_device, resolve_model_path
+from .models import (LoadedModel, count_params, get_adapter, load_config, load_model, resolve_device,
+                     resolve_model_path)
 from .prune import prune
 from .schedule import sparsity_schedule
 
@@ -507,7 +508,7 @@ def _run_iteration(ctx: TrialContext, state: TrialState, index: int,
     record.update(
         sparsity=sparsity, ppl_after_prune=ppl_after_prune, ppl_before=before,
         # Parameters left that are not zero (the model size a ppl-vs-size Pareto front trades against).
-        params_remaining=sum(p.numel() for p in ctx.loaded.model.parameters()) - report.zero_params,
+        params_remaining=count_params(ctx.loaded.model) - report.zero_params,
         iterations_planned=len(state.levels),
         recovery_pct=recovery_pct(before, ppl_after_prune, record["ppl_after_train"])
         if ppl_after_prune is not None else None,
