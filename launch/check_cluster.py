@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from raysparse.cluster import validate_cluster_config  # noqa: E402
-from raysparse.errors import RaysparseError  # noqa: E402
+from raysparse.cluster.config_check import validate_cluster_config
+from raysparse.errors import RaysparseError
 
 if __name__ == "__main__":
     paths = sys.argv[1:] or ["cluster.yaml"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from raysparse.cli import prune_main  # noqa: E402
+from raysparse.cli.prune import prune_main
 
 if __name__ == "__main__":
     sys.exit(prune_main())

@@ -9,11 +9,11 @@ __all__ = ["PruneConfig", "TrialConfig", "prune_model", "run_trial", "__version_
 def __getattr__(name: str):
     # Lazy so `import raysparse` stays cheap (torch/transformers load on first use).
     if name in ("PruneConfig", "TrialConfig"):
-        from . import config
+        from raysparse import config
 
         return getattr(config, name)
     if name in ("prune_model", "run_trial"):
-        from . import trial
+        from raysparse.trial import runner
 
-        return getattr(trial, name)
+        return getattr(runner, name)
     raise AttributeError(name)

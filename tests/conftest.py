@@ -84,7 +84,7 @@ def text_files(tmp_path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_preset() -> Path:
     """The pretrained offline preset (built once per cache, about two minutes on 2 cores)."""
-    from raysparse.tiny import ensure_tiny_model
+    from raysparse.models.tiny import ensure_tiny_model
 
     logging.getLogger("raysparse").setLevel(logging.INFO)
     return ensure_tiny_model()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from raysparse.allocate import allocate_ratios
 from raysparse.errors import ConfigError
+from raysparse.sparsity.allocate import allocate_ratios
 
 SCORES = [0.9, 0.1, 0.5, 2.0, 0.05, 0.3]
 

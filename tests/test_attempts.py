@@ -1,7 +1,7 @@
 """Attempt records and finished-trial detection (no Ray): what the results table relies on."""
 import json
 
-from raysparse.attempts import finished_summary, last_attempt, record_attempt
+from raysparse.search.attempts import finished_summary, last_attempt, record_attempt
 
 
 def test_each_start_counts_and_a_resume_names_its_checkpointed_iteration(tmp_path):

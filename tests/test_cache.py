@@ -4,7 +4,7 @@ import time
 import pytest
 import ray
 
-from raysparse.cache import StatsCache, cache_key, start_coordinator
+from raysparse.trial.cache import StatsCache, cache_key, start_coordinator
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def test_concurrent_askers_wait_for_one_computation(local_ray, tmp_path):
     counter = tmp_path / "computations"
 
     def ask(delay: float):
-        from raysparse.cache import StatsCache
+        from raysparse.trial.cache import StatsCache
 
         time.sleep(delay)
         cache = StatsCache(directory, poll_s=0.05)

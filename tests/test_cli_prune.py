@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from raysparse.cli import prune_main
-from raysparse.masks import load_masks, measure_sparsity, verify_masks
-from raysparse.models import get_adapter
+from raysparse.cli.prune import prune_main
+from raysparse.models.adapters import get_adapter
+from raysparse.sparsity.masks import load_masks, measure_sparsity, verify_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,9 +40,10 @@ def test_prune_saves_a_reloadable_sparse_model(saved_model_dir, text_files, tmp_
     verify_masks(reloaded, load_masks(out / "model"))
     assert measure_sparsity(get_adapter(reloaded)).overall == pytest.approx(summary["sparsity_measured"])
 
-    from raysparse.data import resolve_source, token_stream
-    from raysparse.evaluate import perplexity
     from transformers import AutoTokenizer
+
+    from raysparse.data.sources import resolve_source, token_stream
+    from raysparse.metrics.perplexity import perplexity
 
     stream = token_stream(AutoTokenizer.from_pretrained(out / "model"), resolve_source(str(text_files["eval"]), "evaluation"))
     assert perplexity(reloaded, stream, 32, progress=False).ppl == pytest.approx(summary["ppl_pruned"], rel=1e-5)

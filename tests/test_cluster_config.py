@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysparse.cluster import validate_cluster_config
+from raysparse.cluster.config_check import validate_cluster_config
 from raysparse.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 import pytest
 
-from raysparse.config import PruneConfig, parse_sparsity
+from raysparse.config import PruneConfig
 from raysparse.errors import ConfigError
+from raysparse.sparsity.pattern import parse_sparsity
 
 
 @pytest.mark.parametrize("value,ratio,nm", [("0.5", 0.5, None), (0.0, 0.0, None), ("2:4", 0.5, (2, 4)),

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
-
-from raysparse.data import calibration_windows, load_text, resolve_source, token_stream
-from raysparse.errors import DataError
-
 from conftest import SAMPLE_TEXT, build_tokenizer
+
+from raysparse.data.sources import calibration_windows, load_text, resolve_source, token_stream
+from raysparse.errors import DataError
 
 
 def test_missing_file_names_the_path_and_the_alternatives(tmp_path):

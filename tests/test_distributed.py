@@ -16,15 +16,16 @@ import torch
 ray = pytest.importorskip("ray")
 
 from conftest import build_model  # noqa: E402
-from raysparse.config import parse_sparsity  # noqa: E402
-from raysparse.errors import ConfigError  # noqa: E402
-from raysparse.masks import measure_sparsity, verify_masks  # noqa: E402
-from raysparse.models import get_adapter  # noqa: E402
-from raysparse.prune import prune_magnitude  # noqa: E402
-from raysparse.recover.distributed import (  # noqa: E402
-    META_FILE, EvalSpec, _dedupe, _patience_ran_out, _summarise, _worker_error, train_masked_distributed,
-)
-from raysparse.recover.training import EpochRecord, TrainingDiverged, TrainSettings  # noqa: E402
+
+from raysparse.errors import ConfigError
+from raysparse.models.adapters import get_adapter
+from raysparse.prune import prune_magnitude
+from raysparse.recover.distributed.driver import EvalSpec, _summarise, _worker_error, train_masked_distributed
+from raysparse.recover.distributed.weights import META_FILE, _dedupe
+from raysparse.recover.distributed.worker import _patience_ran_out
+from raysparse.recover.loop import EpochRecord, TrainingDiverged, TrainSettings
+from raysparse.sparsity.masks import measure_sparsity, verify_masks
+from raysparse.sparsity.pattern import parse_sparsity
 
 RUN = "resume-me"
 
@@ -178,7 +179,7 @@ def test_tied_embeddings_are_stored_once():
 def test_trial_with_two_workers_keeps_sparsity_and_cleans_up(ray_cluster, saved_model_dir, text_files, tmp_path):
     """The trial's --workers path: Ray Train FSDP recovery inside run_trial, end to end."""
     from raysparse.config import TrialConfig
-    from raysparse.trial import run_trial
+    from raysparse.trial.runner import run_trial
 
     config = TrialConfig(model=str(saved_model_dir()), method="magnitude", sparsity="0.5", recovery="masked",
                          lr=1e-3, batch_size=4, train_samples=8, calib_data=str(text_files["calib"]),

@@ -4,10 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from raysparse.evaluate import perplexity
-
 from conftest import build_model
+
+from raysparse.metrics.perplexity import perplexity
 
 
 def independent_nll(model, stream, seqlen, stride):

@@ -5,17 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import build_model
 
 from raysparse.errors import ConfigError
-from raysparse.importance import (
-    LayerImportance,
-    activation_importance,
-    compute_importance,
-    removal_importance,
-)
-from raysparse.models import get_adapter
-
-from conftest import build_model
+from raysparse.models.adapters import get_adapter
+from raysparse.sparsity.importance import LayerImportance, activation_importance, compute_importance, removal_importance
 
 # Output projections (weight and bias) whose zeroing turns a pre-norm residual layer into x -> x.
 OUTPUT_PROJECTIONS = {
@@ -75,7 +69,7 @@ def test_removal_restores_layer_on_error(calib, monkeypatch):
     originals = list(adapter.decoder_layers())
     calls = {"n": 0}
 
-    import raysparse.importance as importance
+    import raysparse.sparsity.importance as importance
 
     real = importance.mean_next_token_loss
 

@@ -5,7 +5,7 @@ import pytest
 
 from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
-from raysparse.trial import run_trial
+from raysparse.trial.runner import run_trial
 
 
 def config(model_dir, text_files, tmp_path, **overrides):

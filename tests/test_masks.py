@@ -1,12 +1,19 @@
 import pytest
 import torch
-
-from raysparse.config import parse_sparsity
-from raysparse.masks import MaskViolation, apply_masks, load_masks, masks_from_weights, measure_sparsity, save_masks, verify_masks
-from raysparse.models import get_adapter
-from raysparse.prune import prune_magnitude
-
 from conftest import build_model
+
+from raysparse.models.adapters import get_adapter
+from raysparse.prune import prune_magnitude
+from raysparse.sparsity.masks import (
+    MaskViolation,
+    apply_masks,
+    load_masks,
+    masks_from_weights,
+    measure_sparsity,
+    save_masks,
+    verify_masks,
+)
+from raysparse.sparsity.pattern import parse_sparsity
 
 
 def test_verify_detects_a_regrown_weight_and_apply_fixes_it():

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from loopback import read_json, start_cluster
 
 pytestmark = pytest.mark.slow

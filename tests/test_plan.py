@@ -1,9 +1,9 @@
 """`launch/search.py --plan`: resources, concurrency and a measured estimate; nothing launched."""
 import pytest
 
-from raysparse.cli import search_main
-from raysparse.plan import TrialResources, concurrent_trials, iteration_range, trial_resources
-from raysparse.space import parse_space
+from raysparse.cli.search import search_main
+from raysparse.search.plan import TrialResources, concurrent_trials, iteration_range, trial_resources
+from raysparse.search.space_file import parse_space
 
 SPACE = """
 fixed:

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from raysparse.cli import search_main
+from raysparse.cli.search import search_main
+from raysparse.cluster.preflight import check_address_reachable, resolve_address
 from raysparse.errors import ConfigError
-from raysparse.preflight import check_address_reachable, resolve_address
 
 
 def closed_port() -> int:

@@ -1,16 +1,15 @@
 """Pruners against independent reference computations, on tiny configs of the real classes."""
 import pytest
 import torch
+from conftest import build_model
 from torch import nn
 
-from raysparse.config import parse_sparsity
-from raysparse.masks import measure_sparsity, verify_masks
-from raysparse.models import ModelAdapter, get_adapter
+from raysparse.models.adapters import ModelAdapter, get_adapter
 from raysparse.prune import SparseGPTMethod, WandaMethod, prune_layerwise, prune_magnitude, sparsegpt_reconstruct
 from raysparse.prune.selection import nm_mask
 from raysparse.prune.wanda import InputNormCollector
-
-from conftest import build_model
+from raysparse.sparsity.masks import measure_sparsity, verify_masks
+from raysparse.sparsity.pattern import parse_sparsity
 
 CPU = torch.device("cpu")
 

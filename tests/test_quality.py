@@ -1,9 +1,8 @@
 """Pruning quality on real pretrained weights: the tiny preset and, when present, stories260K."""
 import pytest
+from conftest import shared_path
 
 from raysparse import PruneConfig, prune_model
-
-from conftest import shared_path
 
 pytestmark = pytest.mark.slow
 

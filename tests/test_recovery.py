@@ -4,18 +4,18 @@ import math
 
 import pytest
 import torch
+from conftest import build_model
 
-from raysparse.config import TrialConfig, parse_sparsity
+from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
-from raysparse.masks import measure_sparsity, verify_masks
-from raysparse.models import get_adapter
+from raysparse.models.adapters import get_adapter
 from raysparse.prune import prune_magnitude
+from raysparse.recover.loop import TrainingDiverged, TrainSettings, fit
 from raysparse.recover.lora import LoraSettings, train_lora
 from raysparse.recover.masked import train_masked
-from raysparse.recover.training import TrainingDiverged, TrainSettings, fit
-from raysparse.trial import TrialFailed, run_trial
-
-from conftest import build_model
+from raysparse.sparsity.masks import measure_sparsity, verify_masks
+from raysparse.sparsity.pattern import parse_sparsity
+from raysparse.trial.runner import TrialFailed, run_trial
 
 WINDOWS = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(5))
 
@@ -134,7 +134,7 @@ def test_resume_refuses_a_checkpoint_of_another_trial(saved_model_dir, text_file
 
 
 def test_nan_loss_fails_the_trial_and_keeps_finished_iterations(saved_model_dir, text_files, tmp_path, monkeypatch):
-    import raysparse.trial as trial_module
+    import raysparse.trial.recovery as trial_module
 
     real = trial_module._train_settings
     calls = []

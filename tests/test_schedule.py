@@ -3,7 +3,7 @@ import math
 import pytest
 
 from raysparse.errors import ConfigError
-from raysparse.schedule import iterative_steps_needed, sparsity_schedule
+from raysparse.sparsity.schedule import iterative_steps_needed, sparsity_schedule
 
 
 @pytest.mark.parametrize("target,p,steps", [(0.9, 0.1, 22), (0.5, 0.1, 7), (0.95, 0.1, 29), (0.8, 0.2, 8)])

@@ -4,9 +4,12 @@ import json
 import pytest
 import ray
 
-from raysparse.cli import prune_main, search_main
+from raysparse.cli.prune import prune_main
+from raysparse.cli.search import search_main
 from raysparse.config import TrialConfig
-from raysparse.search import SearchSettings, pareto_front, run_search
+from raysparse.search.results import pareto_front
+from raysparse.search.runner import run_search
+from raysparse.search.settings import SearchSettings
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +124,8 @@ def test_plots_and_optuna_study_are_written(search_report):
 def test_a_trial_stopped_at_a_milestone_reaches_optuna_as_pruned():
     import optuna
 
-    from raysparse.search import milestone_optuna_search_class
-    from raysparse.space import parse_space
+    from raysparse.search.searcher import milestone_optuna_search_class
+    from raysparse.search.space_file import parse_space
 
     space = parse_space({"fixed": {"sparsity": 0.5}, "params": {"lr": {"loguniform": [1e-4, 1e-3]}}}, source="t")
     searcher = milestone_optuna_search_class()(space=space.optuna_define_by_run(), metric="final_ppl", mode="min",

@@ -1,7 +1,9 @@
 """What each trial reports to Tune: every objective's metrics, and when a trial counts as completed."""
 import pytest
 
-from raysparse.search import OBJECTIVES, SearchSettings, _trial_metrics, format_report
+from raysparse.search.results import format_report
+from raysparse.search.settings import OBJECTIVES, SearchSettings
+from raysparse.search.trainable import _trial_metrics
 
 RECORD = {"ppl_after_train": 20.0, "ppl_after_prune": 25.0, "sparsity": 0.5, "iteration": 1,
           "iterations_planned": 3, "params_remaining": 1000, "recovery_pct": 10.0}

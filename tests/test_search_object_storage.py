@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import ray
 
+from raysparse.cluster.storage import check_writable, download_dir, upload_dir
 from raysparse.errors import ConfigError
-from raysparse.object_storage import check_writable, download_dir, upload_dir
-from raysparse.search import SearchSettings, run_search
+from raysparse.search.runner import run_search
+from raysparse.search.settings import SearchSettings
 
 SPACE = """
 fixed:

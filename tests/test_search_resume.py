@@ -3,10 +3,9 @@ import json
 
 import pytest
 import ray
-
-from raysparse.cli import search_main
-
 from test_search import SPACE
+
+from raysparse.cli.search import search_main
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +53,8 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
 
 def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path):
     """Train-in-Tune: a trial with workers=2 launches a Ray Train FSDP run that fits beside it."""
-    from raysparse.search import SearchSettings, run_search
+    from raysparse.search.runner import run_search
+    from raysparse.search.settings import SearchSettings
 
     space = tmp_path / "space.yaml"
     space.write_text(

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from raysparse.search import SearchSettings, run_search
+from raysparse.search.runner import run_search
+from raysparse.search.settings import SearchSettings
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ import pytest
 
 from raysparse.config import METHODS, TrialConfig
 from raysparse.errors import ConfigError
-from raysparse.space import DefineByRun, ParamSpec, SearchSpace, load_space, parse_space
+from raysparse.search.space import DefineByRun, ParamSpec, SearchSpace
+from raysparse.search.space_file import load_space, parse_space
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_model
-from raysparse.cli import prune_main
-from raysparse.models import get_adapter
-from raysparse.prune.structured import LayerUnitScores, layer_param_counts, prune_structured, taylor_scores
-from raysparse.shrink import shrink_layer, unit_params
+
+from raysparse.cli.prune import prune_main
+from raysparse.models.adapters import get_adapter
+from raysparse.models.resize import shrink_layer, unit_params
+from raysparse.structured.plan import prune_structured
+from raysparse.structured.taylor import LayerUnitScores, layer_param_counts, taylor_scores
 
 # The output projection of each family, and whether its weight is stored transposed (Conv1D).
 OUTPUT_PROJ = {"llama": ("self_attn.o_proj", "mlp.down_proj", False),
@@ -122,8 +123,9 @@ def test_each_layer_lands_on_its_ratio_within_one_channel(ratio):
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_saved_shrunk_model_reloads_with_from_pretrained(family, tmp_path):
-    import raysparse.shrunk_models as shrunk_models
     from transformers import AutoModelForCausalLM
+
+    import raysparse.models.shrunk as shrunk_models
 
     model = build_model(family, layers=3)
     adapter = get_adapter(model)
@@ -156,9 +158,9 @@ def cli_args(model_dir, text_files, out):
 
 def test_structured_trial_reports_sizes_latency_and_reloads_to_the_same_perplexity(
         saved_model_dir, text_files, tmp_path, capsys):
-    from raysparse.data import resolve_source, token_stream
-    from raysparse.evaluate import perplexity
-    from raysparse.models import load_model
+    from raysparse.data.sources import resolve_source, token_stream
+    from raysparse.metrics.perplexity import perplexity
+    from raysparse.models.loading import load_model
 
     out = tmp_path / "run"
     code = prune_main(cli_args(saved_model_dir("llama"), text_files, out) + [
@@ -233,7 +235,7 @@ def test_structured_settings_are_refused_for_unstructured_methods(saved_model_di
 
 
 def test_taylor_scores_are_computed_once_per_key_through_the_stats_cache(saved_model_dir, text_files, tmp_path):
-    from raysparse.trial import run_trial
+    from raysparse.trial.runner import run_trial
 
     model_dir = saved_model_dir("llama")
     base = dict(model=str(model_dir), method="structured", calib_data=str(text_files["calib"]),
@@ -264,8 +266,9 @@ def build_gqa_variant(family: str):
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_gqa_variants_shrink_exactly_and_reload(family, tmp_path):
-    import raysparse.shrunk_models as shrunk_models
     from transformers import AutoModelForCausalLM
+
+    import raysparse.models.shrunk as shrunk_models
 
     model = build_gqa_variant(family)
     reference = copy.deepcopy(model)
@@ -289,9 +292,9 @@ def test_gqa_variants_shrink_exactly_and_reload(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["opt", "gpt2"])
 def test_mha_families_prune_structurally_through_the_cli(family, saved_model_dir, text_files, tmp_path):
-    from raysparse.data import resolve_source, token_stream
-    from raysparse.evaluate import perplexity
-    from raysparse.models import load_model
+    from raysparse.data.sources import resolve_source, token_stream
+    from raysparse.metrics.perplexity import perplexity
+    from raysparse.models.loading import load_model
 
     out = tmp_path / family
     assert prune_main(cli_args(saved_model_dir(family), text_files, out) + ["--pruning-ratio", "0.3", "--save"]) == 0
@@ -309,7 +312,7 @@ def test_a_saved_shrunk_model_loads_with_trust_remote_code_without_importing_ray
     import subprocess
     import sys
 
-    import raysparse.shrunk_models as shrunk_models
+    import raysparse.models.shrunk as shrunk_models
 
     model = build_model("llama")
     scores = [LayerUnitScores(i, torch.rand(4).tolist(), torch.rand(128).tolist()) for i in range(2)]

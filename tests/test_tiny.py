@@ -14,19 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysparse import tiny
+from raysparse.data import pydoc
+from raysparse.data.pydoc import pydoc_corpus_text
 from raysparse.errors import DataError
-from raysparse.tiny import (
+from raysparse.models import tiny, tiny_pretrain
+from raysparse.models.tiny import (
     TINY_DIRNAME,
     TINY_FORMAT_VERSION,
     TINY_INFO_FILE,
     TINY_PRESET_NAME,
-    TinyPretrainConfig,
     ensure_tiny_model,
-    pydoc_corpus_text,
     read_tiny_info,
-    stream_perplexity,
 )
+from raysparse.models.tiny_pretrain import TinyPretrainConfig, stream_perplexity
 
 # ---------------------------------------------------------------- corpus (fast)
 
@@ -52,8 +52,8 @@ def test_corpus_split_is_disjoint_by_document():
     # Every topic lands on exactly one side, and both sides get some.
     assert all(a != b for a, b in zip(in_train, in_test))
     assert 0 < sum(in_test) < sum(in_train)
-    assert len(train) + len(test) + len(tiny.DOC_SEPARATOR) == sum(map(len, topics.values())) + len(
-        tiny.DOC_SEPARATOR
+    assert len(train) + len(test) + len(pydoc.DOC_SEPARATOR) == sum(map(len, topics.values())) + len(
+        pydoc.DOC_SEPARATOR
     ) * (len(topics) - 1)
 
 
@@ -64,7 +64,7 @@ def test_unknown_split_raises_data_error_naming_valid_ones():
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
     config = TinyPretrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    factors = [tiny._lr_factor(step, config) for step in range(config.steps)]
+    factors = [tiny_pretrain._lr_factor(step, config) for step in range(config.steps)]
     assert factors[0] == pytest.approx(0.1)
     assert factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))

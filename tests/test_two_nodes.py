@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from loopback import start_cluster
 
 pytestmark = pytest.mark.slow

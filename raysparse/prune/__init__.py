@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PruneConfig, SparsityPattern
-from ..masks import Masks
-from ..models import ModelAdapter
-from .layerwise import prune_layerwise
-from .magnitude import prune_magnitude
-from .sparsegpt import SparseGPTMethod, sparsegpt_reconstruct
-from .wanda import WandaMethod
+from raysparse.config import PruneConfig
+from raysparse.models.adapters import ModelAdapter
+from raysparse.prune.layerwise import prune_layerwise
+from raysparse.prune.magnitude import prune_magnitude
+from raysparse.prune.sparsegpt import SparseGPTMethod, sparsegpt_reconstruct
+from raysparse.prune.wanda import WandaMethod
+from raysparse.sparsity.masks import Masks
+from raysparse.sparsity.pattern import SparsityPattern
 
 __all__ = ["prune", "prune_magnitude", "prune_layerwise", "WandaMethod", "SparseGPTMethod",
            "sparsegpt_reconstruct"]

@@ -9,10 +9,10 @@ import logging
 
 import torch
 
-from ..config import SparsityPattern
-from ..masks import Masks
-from ..models import ModelAdapter
-from .selection import nm_mask, whole_matrix_mask
+from raysparse.models.adapters import ModelAdapter
+from raysparse.prune.selection import nm_mask, whole_matrix_mask
+from raysparse.sparsity.masks import Masks
+from raysparse.sparsity.pattern import SparsityPattern
 
 logger = logging.getLogger(__name__)
 

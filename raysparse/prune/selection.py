@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SparsityPattern
+from raysparse.sparsity.pattern import SparsityPattern
 
 
 def per_row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -12,9 +12,9 @@ import logging
 import torch
 from torch import nn
 
-from ..config import SparsityPattern
-from ..models import ModelAdapter
-from .selection import nm_mask, whole_matrix_mask
+from raysparse.models.adapters import ModelAdapter
+from raysparse.prune.selection import nm_mask, whole_matrix_mask
+from raysparse.sparsity.pattern import SparsityPattern
 
 logger = logging.getLogger(__name__)
 

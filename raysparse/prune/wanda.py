@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import SparsityPattern
-from ..models import ModelAdapter
-from .selection import prune_mask
+from raysparse.models.adapters import ModelAdapter
+from raysparse.prune.selection import prune_mask
+from raysparse.sparsity.pattern import SparsityPattern
 
 
 class InputNormCollector:

@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..masks import Masks, apply_masks
-from .training import TrainResult, TrainSettings, fit
+from raysparse.errors import ConfigError
+from raysparse.recover.loop import TrainResult, TrainSettings, fit
+from raysparse.sparsity.masks import Masks, apply_masks
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..masks import Masks
-from .training import TrainResult, TrainSettings, fit
+from raysparse.recover.loop import TrainResult, TrainSettings, fit
+from raysparse.sparsity.masks import Masks
 
 
 def mask_hooks(model: nn.Module, masks: Masks) -> tuple[Callable[[], None], Callable[[], None]]:

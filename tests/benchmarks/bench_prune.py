@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from raysparse.config import PruneConfig
-from raysparse.data import calibration_windows, resolve_source, token_stream
-from raysparse.evaluate import perplexity
-from raysparse.models import load_model, resolve_device
+from raysparse.data.sources import calibration_windows, resolve_source, token_stream
+from raysparse.metrics.perplexity import perplexity
+from raysparse.models.loading import load_model, resolve_device
 from raysparse.prune import prune
 
 HERE = Path(__file__).resolve().parent

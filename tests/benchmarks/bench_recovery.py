@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from raysparse.config import TrialConfig
-from raysparse.trial import run_trial
+from raysparse.trial.runner import run_trial
 
 HERE = Path(__file__).resolve().parent
 EVAL_WINDOWS = 40
@@ -52,12 +52,12 @@ def distributed_scaling(steps: int = 24) -> dict:
     """Steps per second of masked recovery: in-process (1 worker) vs 2 Ray Train FSDP workers."""
     import ray
 
-    from raysparse.config import parse_sparsity
-    from raysparse.models import load_model
+    from raysparse.models.loading import load_model
     from raysparse.prune import prune_magnitude
-    from raysparse.recover.distributed import train_masked_distributed
+    from raysparse.recover.distributed.driver import train_masked_distributed
+    from raysparse.recover.loop import TrainSettings
     from raysparse.recover.masked import train_masked
-    from raysparse.recover.training import TrainSettings
+    from raysparse.sparsity.pattern import parse_sparsity
 
     windows = torch.randint(0, 1024, (steps * 8, 256), generator=torch.Generator().manual_seed(0))
     settings = TrainSettings(lr=1e-4, epochs=1, batch_size=8, keep_best=False)

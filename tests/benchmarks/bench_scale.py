@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=6)
     args = parser.parse_args()
-    from raysparse.tiny import ensure_tiny_model
+    from raysparse.models.tiny import ensure_tiny_model
 
     ensure_tiny_model()
     work = Path(tempfile.mkdtemp(prefix="raysparse-bench-scale-"))

@@ -24,9 +24,10 @@ from statistics import mean
 import ray
 
 from raysparse.config import TrialConfig
-from raysparse.search import DEFAULT_SPACE, SearchSettings, run_search
-from raysparse.space import load_space
-from raysparse.trial import run_trial
+from raysparse.search.runner import run_search
+from raysparse.search.settings import DEFAULT_SPACE, SearchSettings
+from raysparse.search.space_file import load_space
+from raysparse.trial.runner import run_trial
 
 HERE = Path(__file__).resolve().parent
 

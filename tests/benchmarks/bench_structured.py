@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_prune import model_cases
-from raysparse.latency import measure_latency
-from raysparse.models import get_adapter
-from raysparse.prune.structured import LayerUnitScores, prune_structured
-from raysparse.trial import run_trial
+
+from raysparse.metrics.latency import measure_latency
+from raysparse.models.adapters import get_adapter
+from raysparse.structured.plan import prune_structured
+from raysparse.structured.taylor import LayerUnitScores
+from raysparse.trial.runner import run_trial
 
 HERE = Path(__file__).resolve().parent
 ALLOCATIONS = {

@@ -1,0 +1,124 @@
+"""Load a causal LM (hub id, local folder, the `tiny` preset, a shrunk model) with its adapter.
+
+The config is read first and on its own, so the family and the windows are checked before
+any weights load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raysparse.errors import ModelError
+from raysparse.models.adapters import SHRUNK_PREFIX, ModelAdapter, adapter_class_for, count_params, get_adapter
+from raysparse.models.tiny import TINY_PRESET_NAME, ensure_tiny_model
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the `tiny` preset to its cached folder; check local folders hold a model."""
+
+    if name_or_path == TINY_PRESET_NAME:
+        return str(ensure_tiny_model())
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if not looks_local:
+        return name_or_path  # a hub id such as facebook/opt-125m
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder")
+    weight_files = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+                    for p in path.glob(pattern)]
+    if not weight_files:
+        raise ModelError(
+            f"{name_or_path} has a config.json but no weights (*.safetensors or *.bin): "
+            "copy the weight files into the folder or use save_pretrained"
+        )
+    return str(path)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    path: str
+
+
+def _is_shrunk_folder(name_or_path: str) -> bool:
+    """True for a local folder saved after structured pruning (per-layer sizes in its config)."""
+    config_file = Path(name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+    except (ValueError, OSError):
+        return False
+    return isinstance(model_type, str) and model_type.startswith(SHRUNK_PREFIX)
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """Load only the config (cheap), so family and context checks run before the weights."""
+    from transformers import AutoConfig
+
+    if _is_shrunk_folder(name_or_path):
+        pass
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]} "
+            "(no network? pass a local model folder with --model PATH)"
+        ) from None
+    except ValueError as exc:
+        raise ModelError(f"cannot read the config of '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    adapter_class_for(config.model_type)
+    return config
+
+
+def load_model(
+    name_or_path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer from a hub id, a local folder, or the `tiny` preset."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    load_config(path, trust_remote_code)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    model.eval()
+    adapter = get_adapter(model)
+    logger.info("loaded %s (%s, %s params, %s)", name_or_path, adapter.family,
+                f"{count_params(model):,}", torch_dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, path=path)

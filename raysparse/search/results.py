@@ -1,0 +1,132 @@
+"""What a finished search leaves: the results table, the best configuration, the Pareto set."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from raysparse.errors import RaysparseError
+from raysparse.search.plots import export_study, write_plots
+from raysparse.search.settings import BEST_CONFIG_FILE, OBJECTIVES, RESULTS_CSV, RESULTS_PARQUET, SearchSettings
+from raysparse.search.space import SearchSpace
+
+
+def _trial_status(result, target: float) -> str:
+    if result.error is not None:
+        return "error"
+    metrics = result.metrics or {}
+    if metrics.get("completed"):
+        return "completed"
+    return "stopped"  # cut by the early-stopping scheduler before reaching the target
+
+
+def _live_study(searcher):
+    """The searcher's in-memory Optuna study (fresh runs; a restored Tuner keeps its own copy)."""
+    inner = getattr(searcher, "searcher", searcher)
+    return getattr(inner, "_ot_study", None)
+
+
+def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experiment: Path,
+                      study=None) -> dict[str, Any]:
+    """One row per trial (config, metrics, status, error) as CSV + Parquet; the best config as JSON."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    metrics_names, modes = OBJECTIVES[settings.objective]
+    rows = []
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for result in grid:
+        metrics = result.metrics or {}
+        params = {k: v for k, v in (result.config or {}).items() if k in space.params}
+        try:
+            target = space.sample_config(result.config or {}).target_ratio
+        except RaysparseError:
+            target = float("nan")
+        row = {
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "status": _trial_status(result, target),
+            "error": error_reason(result.error) if result.error else None,
+            **{f"param_{k}": v for k, v in params.items()},
+            **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
+                                            "train_steps_total", "params_remaining", "ppl_after_prune",
+                                            "recovery_pct",
+                                            "node_id", "attempt", "resumed_after")},
+            "path": result.path,
+        }
+        rows.append(row)
+        frame = result.metrics_dataframe
+        if frame is not None and "sparsity" in frame:
+            histories[row["trial_id"]] = frame[["sparsity", "final_ppl"]].dropna().to_dict("records")
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (not k.startswith(("trial", "status")), k))
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    pq.write_table(table, experiment / RESULTS_PARQUET)
+    pacsv.write_csv(table, experiment / RESULTS_CSV)
+
+    completed = [r for r in rows if r["status"] == "completed" and r["final_ppl"] is not None]
+    best = min(completed, key=lambda r: r["final_ppl"]) if completed else None
+    pareto = pareto_front(completed, metrics_names) if len(metrics_names) > 1 else None
+    best_config_path = None
+    if best is not None:
+        best_params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_")}
+        config = space.sample_config(best_params).to_dict()
+        config["output"] = None
+        best_config_path = experiment / BEST_CONFIG_FILE
+        best_config_path.write_text(json.dumps(config, indent=2))
+
+    plots = write_plots(experiment, histories, rows, study)
+    study_url = export_study(study, experiment) if study is not None else None
+    return {"experiment": str(experiment), "rows": rows, "best": best, "pareto": pareto,
+            "best_config": str(best_config_path) if best_config_path else None, "plots": plots,
+            "optuna_storage": study_url, "pareto_metrics": metrics_names}
+
+
+def error_reason(error: BaseException) -> str:
+    """The user-facing reason of a failed trial: the last line of Ray's wrapped traceback."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def pareto_front(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+    """Rows not dominated on every (minimised) metric."""
+    def dominates(a, b):
+        return all(a[m] <= b[m] for m in metrics) and any(a[m] < b[m] for m in metrics)
+
+    return [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'trial':<16} {'status':<10} {'final_ppl':>10} {'sparsity':>8}  params  "
+             "(stopped = cut early at a sparsity milestone; its ppl is at that sparsity)"]
+    order = {"completed": 0, "stopped": 1, "error": 2}  # a stopped trial's ppl is at a lower sparsity
+    for row in sorted(report["rows"], key=lambda r: (order.get(r["status"], 3), r["final_ppl"] is None,
+                                                     r["final_ppl"] or 0)):
+        params = " ".join(f"{k[6:]}={_fmt(v)}" for k, v in row.items() if k.startswith("param_"))
+        ppl = f"{row['final_ppl']:.4f}" if row["final_ppl"] is not None else "-"
+        sparsity = f"{row['sparsity']:.4f}" if row["sparsity"] is not None else "-"
+        lines.append(f"{row['trial_id']:<16} {row['status']:<10} {ppl:>10} {sparsity:>8}  {params}"
+                     + (f"  error: {row['error']}" if row["error"] else ""))
+    if report["best"]:
+        lines.append(f"best: {report['best']['trial_id']} final_ppl {report['best']['final_ppl']:.4f}")
+        lines.append(f"best config: {report['best_config']}  (re-run: python launch/prune.py --config {report['best_config']})")
+    else:
+        lines.append("no trial completed")
+    if report.get("pareto"):
+        names = report.get("pareto_metrics") or ["final_ppl", "train_steps_total"]
+        lines.append(f"pareto set ({' vs '.join(names)}): " + ", ".join(
+            f"{r['trial_id']} (" + ", ".join(_fmt(r[name]) for name in names) + ")" for r in report["pareto"]))
+    lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}"
+                 + (f" (local copy: {report['local_copy']})" if report.get("local_copy") else ""))
+    if report.get("cache"):
+        cache = report["cache"]
+        lines.append(f"stats cache: {cache['hits']} hits, {cache['misses']} computed, "
+                     f"{cache['saved_s']:.1f}s saved")
+    if report.get("plots"):
+        lines.append("plots: " + ", ".join(Path(p).name for p in report["plots"]))
+    if report.get("optuna_storage"):
+        lines.append(f"optuna study: optuna-dashboard {report['optuna_storage']}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

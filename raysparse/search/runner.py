@@ -1,0 +1,199 @@
+"""The search: Ray Tune + Optuna over trial settings, with milestone-fair early stopping.
+
+Every trial runs `run_trial` (the same code path as `launch/prune.py`) inside a Tune
+function trainable and reports each finished pruning iteration. Early stopping compares
+trials at equal *sparsity milestones* (ASHA with `sparsity_pct` as its time attribute):
+an iterative trial with p=0.1 and one with p=0.3 reach 40% sparsity at different
+iteration numbers, and comparing them at equal iteration counts would punish the smooth
+schedule for being slow, not for being bad.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from raysparse.cluster.preflight import check_address_reachable, check_shared_storage
+from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
+from raysparse.errors import ConfigError
+from raysparse.search.results import _live_study, summarise_results
+from raysparse.search.searcher import _make_scheduler, _make_searcher
+from raysparse.search.settings import SEARCH_STATE_FILE, SearchSettings
+from raysparse.search.space import SearchSpace
+from raysparse.search.space_file import load_space, parse_space
+from raysparse.search.trainable import search_trainable
+from raysparse.trial.cache import start_coordinator
+
+logger = logging.getLogger(__name__)
+
+
+def _connect(settings: SearchSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.address:
+
+        check_address_reachable(settings.address)  # ray.init would hang for minutes on a dead address
+    try:
+        if settings.address:
+            ray.init(address=settings.address, log_to_driver=False)
+        else:
+            ray.init(log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot connect to a Ray cluster at '{settings.address}': {str(exc).splitlines()[0]} "
+            "(start one with `ray start --head` or drop --address to run locally)"
+        ) from None
+
+
+def max_workers(space: SearchSpace) -> int:
+    """The largest Ray Train worker count any trial of the space can ask for."""
+    spec = space.params.get("workers")
+    if spec is None:
+        return int(space.fixed.get("workers", 1))
+    return int(max(spec.choices) if spec.kind == "choice" else spec.high)
+
+
+def _check_resources(settings: SearchSettings, space: SearchSpace) -> None:
+    """Refuse before launching what could only wait forever for resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    workers = max_workers(space)
+    if workers > 1 and settings.cpus_per_trial + workers > resources.get("CPU", 0):
+        raise ConfigError(
+            f"trials with workers={workers} need {settings.cpus_per_trial:g} CPU for the trial (the Train driver) plus "
+            f"{workers} for its workers, but the cluster has {resources.get('CPU', 0):g} CPUs: "
+            "lower workers, use --cpus-per-trial 0.2, or add nodes"
+        )
+    if settings.gpus_per_trial > 0 and resources.get("GPU", 0) < settings.gpus_per_trial:
+        raise ConfigError(
+            f"--gpus-per-trial {settings.gpus_per_trial:g} but the cluster has {resources.get('GPU', 0):g} GPUs: "
+            "trials would wait forever; use --gpus-per-trial 0 or add GPU nodes"
+        )
+    if settings.driver_resource and resources.get(settings.driver_resource, 0) < 1:
+        raise ConfigError(
+            f"--driver-resource {settings.driver_resource}: no node of the cluster offers that resource, so "
+            "trials would wait forever; start the head with it (ray start --resources "
+            f"'{{\"{settings.driver_resource}\": 8}}', as cluster.yaml does) or drop the flag"
+        )
+    if resources.get("CPU", 0) < settings.cpus_per_trial:
+        raise ConfigError(
+            f"--cpus-per-trial {settings.cpus_per_trial:g} but the cluster has {resources.get('CPU', 0):g} CPUs"
+        )
+
+
+def _storage_root(settings: SearchSettings) -> str:
+
+    if is_uri(settings.storage):
+        check_writable(settings.storage)
+        return settings.storage.rstrip("/")
+    root = Path(settings.storage).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".raysparse-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"storage path {root} cannot be written ({exc.strerror}): choose another --storage") from None
+    return str(root)
+
+
+def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a search; write the results table and the best config; return a report."""
+    from ray import tune
+
+
+    remote: str | None = None  # the experiment's URI when --storage is object storage
+    if resume:
+        if is_uri(resume):
+            remote = resume.rstrip("/")
+            text = read_text(join(remote, SEARCH_STATE_FILE))
+            experiment = _local_mirror(remote)
+        else:
+            experiment = Path(resume).resolve()
+            state_file = experiment / SEARCH_STATE_FILE
+            text = state_file.read_text() if state_file.is_file() else None
+        if text is None:
+            raise ConfigError(f"{resume} is not a raysparse search folder (no {SEARCH_STATE_FILE})")
+        saved = json.loads(text)
+        settings = SearchSettings(**saved["settings"]).validate()
+        space = parse_space(saved["space"], source=saved["space"].get("source"))
+    else:
+        settings.validate()
+        space = load_space(settings.space)
+        name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
+        root = _storage_root(settings)
+        if is_uri(root):
+            remote = join(root, name)
+            experiment = _local_mirror(remote)
+        else:
+            experiment = Path(root) / name
+    _connect(settings)
+    _check_resources(settings, space)
+    if remote is None:
+
+        check_shared_storage(str(experiment.parent))
+
+    stats_dir = None if remote else _stats_cache_dir(experiment)
+    coordinator = None
+    if stats_dir is not None:
+
+        coordinator = start_coordinator(stats_dir)
+    trainable = tune.with_resources(
+        tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir,
+                             trials_root=None if remote else str(experiment), storage_uri=remote),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial,
+         **({settings.driver_resource: 1} if settings.driver_resource else {})},
+    )
+    started = time.perf_counter()
+    searcher = None
+    if resume:
+        tuner = tune.Tuner.restore(remote or str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        experiment.mkdir(parents=True, exist_ok=True)
+        (experiment / SEARCH_STATE_FILE).write_text(json.dumps(
+            {"settings": dataclasses.asdict(settings), "space": space.to_dict()}, indent=2, default=str))
+        if remote:
+            upload_dir(experiment, remote)  # so --resume URI works after a driver crash
+        searcher = _make_searcher(space, settings)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher,
+                                        scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
+            run_config=tune.RunConfig(
+                name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+        )
+    grid = tuner.fit()
+    study = _live_study(searcher)
+    report = summarise_results(grid, space, settings, experiment, study)
+    if remote:
+        upload_dir(experiment, remote)
+        report.update(experiment=remote, local_copy=str(experiment))
+    report["wall_s"] = round(time.perf_counter() - started, 2)
+    if coordinator is not None:
+        import ray
+
+        report["cache"] = ray.get(coordinator.get_stats.remote())
+    return report
+
+
+def _stats_cache_dir(experiment: Path) -> str:
+    """Shared statistics live beside the experiments, so later searches reuse them too.
+
+    Only on a filesystem storage path: the cache's values are files every trial reads, so
+    with object storage (nothing shared to read from) each trial computes its own.
+    """
+    return str(experiment.parent / "stats_cache")
+
+
+def _local_mirror(remote: str) -> Path:
+    """Where the driver writes an object-storage experiment's outputs before uploading them."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "raysparse-searches" / remote.rstrip("/").rsplit("/", 1)[-1]

@@ -1,0 +1,74 @@
+"""The recovery dispatch: masked fine-tuning in-process or on Ray Train workers, or LoRA."""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysparse.config import TrialConfig
+from raysparse.models.adapters import get_adapter
+from raysparse.recover.distributed.driver import EvalSpec, train_masked_distributed
+from raysparse.recover.loop import TrainSettings
+from raysparse.recover.lora import LoraSettings, train_lora
+from raysparse.recover.masked import train_masked
+from raysparse.sparsity.masks import Masks
+from raysparse.trial.context import TrialContext
+from raysparse.trial.state import RAY_TRAIN_DIR
+
+
+def _train_settings(config: TrialConfig, device: torch.device):
+
+    bf16 = config.bf16 in (True, "true") or (config.bf16 == "auto" and device.type == "cuda"
+                                               and torch.cuda.is_bf16_supported())
+    return TrainSettings(
+        lr=config.effective_lr(), epochs=config.epochs_per_iteration, batch_size=config.batch_size,
+        max_steps_per_epoch=config.effective_max_steps(), grad_accum=config.grad_accum,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, bf16=bf16,
+        early_stopping_patience=config.early_stopping_patience, keep_best=config.keep_best, seed=config.seed,
+    )
+
+
+def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: float) -> dict[str, Any]:
+    """Run the configured recovery; return what the iteration record needs."""
+    config = ctx.config
+    settings = _train_settings(config, ctx.device)
+    if config.recovery == "lora":
+
+        adapter_dir = Path(config.output) / "adapters" / f"iter_{iteration:03d}" if config.output else None
+        outcome = train_lora(
+            ctx.loaded.model, masks, ctx.train_windows, settings,
+            LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets),
+            lambda model: ctx.evaluate(model, "perplexity (LoRA)"), adapter_dir=adapter_dir,
+            device=ctx.device, baseline_ppl=ppl_after_prune,
+        )
+        ctx.loaded.model = outcome.model
+        ctx.loaded.adapter = get_adapter(outcome.model)
+        return {"train": outcome.train, "ppl_after_train": outcome.ppl_masked_merge,
+                "ppl_with_adapter": outcome.ppl_with_adapter, "adapter_dir": outcome.adapter_dir}
+    if config.workers > 1:
+
+        storage = Path(config.output).resolve() / RAY_TRAIN_DIR if config.output else Path(tempfile.mkdtemp())
+        result = train_masked_distributed(
+            ctx.loaded.model, masks, ctx.train_windows, settings,
+            EvalSpec(ctx.eval_stream, ctx.settings.eval_seqlen, ctx.settings.eval_stride,
+                     config.eval_batch_size, config.eval_max_windows),
+            workers=config.workers, storage_path=str(storage), run_name=f"recovery-iter{iteration:03d}",
+            use_gpu=ctx.device.type == "cuda",
+        )
+        return {"train": result, "ppl_after_train": result.final_ppl, "workers": config.workers}
+
+    result = train_masked(ctx.loaded.model, masks, ctx.train_windows, settings,
+                          lambda: ctx.evaluate(desc="perplexity (epoch)"), device=ctx.device,
+                          baseline_ppl=ppl_after_prune)
+    return {"train": result, "ppl_after_train": result.final_ppl}
+
+
+def recovery_pct(before: float, after_prune: float, after_train: float) -> float | None:
+    """Share of the perplexity lost to pruning that training won back (100 = all of it)."""
+    lost = after_prune - before
+    if not math.isfinite(lost) or lost <= 0:
+        return None
+    return 100.0 * (after_prune - after_train) / lost

@@ -1,0 +1,104 @@
+"""The structured-pruning step of a trial: Taylor scores, per-layer ratios, shrink, measure.
+
+Kept apart from `trial.py` so the trial loop stays method-agnostic: this step returns
+masks (all True: nothing is zeroed, the weights are gone) and a record that the summary
+and the search report like any other pruning step.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from raysparse.data.sources import resolve_source
+from raysparse.metrics.latency import measure_latency
+from raysparse.models.adapters import count_params
+from raysparse.models.shrunk import mark_shrunk
+from raysparse.sparsity.allocate import allocate_ratios
+from raysparse.sparsity.masks import Masks
+from raysparse.structured.plan import prune_structured
+from raysparse.structured.taylor import LayerUnitScores, layer_param_counts, timed_taylor_scores
+
+if TYPE_CHECKING:
+    from raysparse.trial.context import TrialContext
+    from raysparse.trial.state import TrialState
+
+
+
+logger = logging.getLogger(__name__)
+
+
+def _taylor(ctx: "TrialContext", indices: list[int]) -> dict[str, Any]:
+    """Taylor scores of the dense model: computed once per key and shared across a search."""
+
+    config = ctx.config
+
+    def compute() -> dict[str, Any]:
+        return timed_taylor_scores(ctx.loaded.adapter, ctx.taylor_windows, indices, ctx.device,
+                                   config.calib_batch_size)
+
+    if ctx.cache is None:
+        return compute()
+    parts = {"kind": "taylor_scores", "model": ctx.loaded.path,
+             "data": resolve_source(ctx.settings.calib_data, "calibration").describe(),
+             "examples": config.num_examples, "seqlen": ctx.settings.taylor_seqlen, "seed": config.seed,
+             "layers": indices, "dtype": config.dtype, "device": ctx.device.type}
+    return ctx.cache.get_or_compute(parts, compute)
+
+
+def _ratios(ctx: "TrialContext", state: "TrialState", indices: list[int], sizes: list[int], level: float) -> list[float]:
+    config = ctx.config
+    if config.pruning_strategy == "uniform":
+        return [level] * len(indices)
+
+    scores = [state.layer_importance["scores"][i] for i in indices]
+    return allocate_ratios(scores, level, config.pruning_strategy, config.alpha, config.min_pruning_rate,
+                           config.max_pruning_rate, layer_sizes=sizes)
+
+
+def prunable_params(ctx: "TrialContext") -> int:
+    return sum(w.numel() for w in ctx.loaded.adapter.prunable_weights().values())
+
+
+def structured_step(ctx: "TrialContext", state: "TrialState", level: float) -> tuple[Masks, dict[str, Any]]:
+    """Shrink the model in place to `level` of its in-range prunable parameters."""
+
+    settings, model, adapter = ctx.settings, ctx.loaded.model, ctx.loaded.adapter
+    indices = list(range(settings.layer_start, settings.layer_end))
+    params_before, prunable_before = count_params(model), prunable_params(ctx)
+    with ctx.timer.phase("latency"):
+        latency_before = measure_latency(model, settings.context_length, ctx.device, seed=ctx.config.seed)
+    with ctx.timer.phase("taylor"):
+        taylor = _taylor(ctx, indices)
+    scores = [LayerUnitScores(**entry) for entry in taylor["scores"]]
+    sizes = layer_param_counts(adapter, indices)
+    ratios = _ratios(ctx, state, indices, sizes, level)
+    with ctx.timer.phase("prune"):
+        result = prune_structured(adapter, scores, ratios)
+        mark_shrunk(model)
+    with ctx.timer.phase("latency"):
+        latency_after = measure_latency(model, settings.context_length, ctx.device, seed=ctx.config.seed)
+    params_after, prunable_after = count_params(model), prunable_params(ctx)
+    per_layer = [0.0] * len(adapter.decoder_layers())
+    for index, ratio in zip(indices, ratios):
+        per_layer[index] = ratio
+    record = dict(result.to_dict())
+    record.update(
+        taylor_seconds=round(float(taylor["seconds"]), 3),
+        layer_range=[settings.layer_start, settings.layer_end],
+        layer_ratios=per_layer,
+        params_before=params_before, params_after=params_after,
+        params_removed_fraction=1.0 - params_after / params_before,
+        prunable_before=prunable_before, prunable_after=prunable_after,
+        sparsity=1.0 - prunable_after / prunable_before,
+        layer_shapes=getattr(model.config, "raysparse_layer_shapes", None),
+        latency_before=latency_before.to_dict(), latency_after=latency_after.to_dict(),
+        decode_speedup=latency_before.decode_ms_per_token / max(latency_after.decode_ms_per_token, 1e-9),
+        prefill_speedup=latency_before.prefill_ms_per_token / max(latency_after.prefill_ms_per_token, 1e-9),
+    )
+    logger.info("structured: %s -> %s parameters (%.2f%% removed), decode %.3f -> %.3f ms/token",
+                f"{params_before:,}", f"{params_after:,}", 100 * record["params_removed_fraction"],
+                latency_before.decode_ms_per_token, latency_after.decode_ms_per_token)
+    masks = {name: torch.ones_like(weight, dtype=torch.bool) for name, weight in adapter.prunable_weights().items()}
+    return masks, record

@@ -1,0 +1,117 @@
+"""The trial's summary.json (every number and the protocol behind it) and its saved model."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysparse import __version__
+from raysparse.data.sources import resolve_source
+from raysparse.metrics.perplexity import window_starts
+from raysparse.metrics.resources import peak_memory_mb
+from raysparse.models.loading import LoadedModel
+from raysparse.paths import write_json_atomic
+from raysparse.sparsity.masks import Masks, measure_sparsity, save_masks
+from raysparse.trial.context import TrialContext
+from raysparse.trial.state import MODEL_DIR, SUMMARY_FILE, TrialState
+
+
+def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
+    config, settings, loaded = ctx.config, ctx.settings, ctx.loaded
+    report = measure_sparsity(loaded.adapter)
+    last = state.history[-1] if state.history else {}
+    ppl_final = last.get("ppl_after_train", state.ppl_dense)
+    # Best at the target: the final iteration's best epoch (with keep_best this is ppl_final).
+    at_target = [e["ppl"] for e in last.get("epochs", []) if e.get("ppl") is not None] + [ppl_final]
+    best_iteration = min(state.history, key=lambda h: h["ppl_after_train"], default=None)
+    summary: dict[str, Any] = {
+        "status": "completed",
+        "model": config.model,
+        "model_path": loaded.path,
+        "family": loaded.adapter.family,
+        "method": config.method,
+        "pattern": "structured" if config.is_structured else config.pattern.label,
+        "schedule": config.schedule,
+        "recovery": config.recovery,
+        "sparsity_target": config.target_ratio,
+        "sparsity_measured": last["sparsity"] if config.is_structured and last else report.overall,
+        "iterations": len(state.history),
+        "ppl_dense": state.ppl_dense,
+        "ppl_pruned": last.get("ppl_after_prune", state.ppl_dense),
+        "sample_after_prune": last.get("sample_after_prune"),
+        "ppl_final": ppl_final,
+        "ppl_best": min(at_target),
+        "best_iteration": {k: best_iteration[k] for k in ("iteration", "sparsity", "ppl_after_train")}
+        if best_iteration else None,
+        "ppl_change_pct": 100.0 * (ppl_final - state.ppl_dense) / state.ppl_dense,
+        "history": state.history,
+        "per_layer": report.to_dict()["per_layer"],
+        "per_weight": report.per_weight,
+        "params_prunable": report.total_params,
+        "params_zero": report.zero_params,
+        "timings_s": ctx.timer.seconds,
+        "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
+        "protocol": {
+            "eval_data": resolve_source(settings.eval_data, "evaluation").describe(),
+            "eval_seqlen": settings.eval_seqlen,
+            "eval_stride": settings.eval_stride,
+            "eval_windows": len(window_starts(ctx.eval_stream.numel(), settings.eval_seqlen, settings.eval_stride,
+                                              config.eval_max_windows)),
+            "calib_data": resolve_source(settings.calib_data, "calibration").describe()
+            if ctx.calib is not None or ctx.taylor_windows is not None else None,
+            "nsamples": config.nsamples if ctx.calib is not None else 0,
+            "taylor_examples": config.num_examples if ctx.taylor_windows is not None else 0,
+            "taylor_seqlen": settings.taylor_seqlen if ctx.taylor_windows is not None else None,
+            "seqlen": settings.seqlen,
+            "train_data": resolve_source(settings.train_data, "calibration").describe()
+            if ctx.train_windows is not None else None,
+            "train_samples": config.train_samples if ctx.train_windows is not None else 0,
+            "train_seqlen": settings.train_seqlen,
+            "seed": config.seed,
+            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(ctx.device),
+            "context_length": settings.context_length,
+        },
+        "stats_cache": ctx.cache.events if ctx.cache is not None else None,
+        "layer_importance": state.layer_importance,
+        "structured": last.get("structured"),
+        "versions": {"raysparse": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
+        "config": config.to_dict(),
+    }
+    return summary
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def write_outputs(output: Path, summary: dict[str, Any], loaded: LoadedModel, masks: Masks,
+                  save_model: bool) -> None:
+    """Write the model (optional) then the summary; a failure removes what this call created."""
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=output)) if save_model else None
+    try:
+        if staging is not None:
+            loaded.model.save_pretrained(staging, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(staging)
+            save_masks(masks, staging)
+            final = output / MODEL_DIR
+            if final.exists():
+                shutil.rmtree(final)
+            staging.replace(final)
+            summary["saved_model"] = str(final)
+        if summary.get("layer_importance"):  # reusable with --importance-config
+            write_json_atomic(output / "layer_importance.json", summary["layer_importance"])
+        write_json_atomic(output / SUMMARY_FILE, summary)
+    except BaseException:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
