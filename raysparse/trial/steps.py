@@ -1,15 +1,15 @@
-"""One trial end to end: load, evaluate dense, then for each schedule step prune, evaluate,
-recover, evaluate; verify masks, write the summary (and the model).
+"""The pruning step of a trial iteration, as one interface.
 
-`run_trial` is the single code path behind `launch/prune.py` and, later, every trial of a
-search, so a number seen in a search is reproduced exactly by the CLI. Each finished
-iteration is reported through a `Reporter` callback and checkpointed in the output folder;
-starting the same trial again with the same `--output` continues after the last finished
-iteration. Every setting that can be checked without weights is checked before anything is
-loaded, and outputs are written through temporary files renamed into place, so a failed or
-interrupted run never leaves a half-written summary or model.
+The trial loop (runner.py) is the same for every method: prune to this iteration's level,
+evaluate, recover, evaluate, verify. Only the pruning differs — zeroing weights under a
+mask (magnitude, Wanda, SparseGPT) or removing whole units so the model shrinks
+(structured). A `PruneStep` hides that difference, so the loop never branches on the
+method and a new kind of pruning is one class, not an `if` in every phase.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
 
 from raysparse.sparsity.allocate import allocate_ratios
 from raysparse.sparsity.masks import Masks
@@ -17,20 +17,33 @@ from raysparse.trial.context import TrialContext
 from raysparse.trial.state import TrialState
 
 
-def layer_ratios(ctx: TrialContext, state: TrialState, level: float) -> list[float] | None:
-    """Per-layer ratios for one schedule step, weighted by each layer's prunable parameters."""
+@dataclass
+class StepOutcome:
+    """What a pruning step leaves: the masks recovery must keep, and its part of the record."""
+
+    masks: Masks
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class PruneStep(Protocol):
+    """One way of pruning a model to a level; called once per schedule iteration."""
+
+    def prune(self, ctx: TrialContext, state: TrialState, level: float, previous: Masks | None) -> StepOutcome:
+        """Prune the model in `ctx` in place to `level`; `previous` holds the last iteration's masks."""
+        ...
+
+    def sparsity(self, ctx: TrialContext, outcome: StepOutcome) -> float:
+        """The sparsity the trial reports for this iteration (measured after recovery)."""
+        ...
+
+
+def layer_ratios(ctx: TrialContext, state: TrialState, level: float, indices: Sequence[int],
+                 sizes: Sequence[int]) -> list[float] | None:
+    """Per-layer ratios for the layers `indices` (weighted by `sizes`) from layer importance,
+    or None for uniform pruning. Both kinds of step allocate through this one function."""
     config = ctx.config
     if config.pruning_strategy == "uniform":
         return None
-
-    sizes = [sum(m.weight.numel() for m in ctx.loaded.adapter.prunable_linears(layer).values())
-             for layer in ctx.loaded.adapter.decoder_layers()]
-    return allocate_ratios(state.layer_importance["scores"], level, config.pruning_strategy, config.alpha,
-                           config.min_pruning_rate, config.max_pruning_rate, layer_sizes=sizes)
-
-
-def _combine(previous: Masks | None, new: Masks) -> Masks:
-    """Pruned stays pruned: a later step can only add zeros to an earlier step's mask."""
-    if previous is None:
-        return new
-    return {name: mask & previous[name] for name, mask in new.items()}
+    scores = [state.layer_importance["scores"][i] for i in indices]
+    return allocate_ratios(scores, level, config.pruning_strategy, config.alpha, config.min_pruning_rate,
+                           config.max_pruning_rate, layer_sizes=list(sizes))

@@ -1,67 +1,50 @@
 """The structured-pruning step of a trial: Taylor scores, per-layer ratios, shrink, measure.
 
-Kept apart from `trial.py` so the trial loop stays method-agnostic: this step returns
-masks (all True: nothing is zeroed, the weights are gone) and a record that the summary
-and the search report like any other pruning step.
+The loop in runner.py treats it like any other `PruneStep`: it returns masks (all True:
+nothing is zeroed, the weights are gone) and a record that the summary and the search
+report like any other pruning step.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from raysparse.data.sources import resolve_source
 from raysparse.metrics.latency import measure_latency
 from raysparse.models.adapters import count_params
 from raysparse.models.shrunk import mark_shrunk
-from raysparse.sparsity.allocate import allocate_ratios
 from raysparse.sparsity.masks import Masks
 from raysparse.structured.plan import prune_structured
-from raysparse.structured.taylor import LayerUnitScores, layer_param_counts, timed_taylor_scores
-
-if TYPE_CHECKING:
-    from raysparse.trial.context import TrialContext
-    from raysparse.trial.state import TrialState
-
-
+from raysparse.structured.taylor import LayerUnitScores, layer_param_counts
+from raysparse.trial.context import TrialContext
+from raysparse.trial.state import TrialState
+from raysparse.trial.statistics import taylor_scores
+from raysparse.trial.steps import StepOutcome, layer_ratios
 
 logger = logging.getLogger(__name__)
 
 
-def _taylor(ctx: "TrialContext", indices: list[int]) -> dict[str, Any]:
-    """Taylor scores of the dense model: computed once per key and shared across a search."""
-
-    config = ctx.config
-
-    def compute() -> dict[str, Any]:
-        return timed_taylor_scores(ctx.loaded.adapter, ctx.taylor_windows, indices, ctx.device,
-                                   config.calib_batch_size)
-
-    if ctx.cache is None:
-        return compute()
-    parts = {"kind": "taylor_scores", "model": ctx.loaded.path,
-             "data": resolve_source(ctx.settings.calib_data, "calibration").describe(),
-             "examples": config.num_examples, "seqlen": ctx.settings.taylor_seqlen, "seed": config.seed,
-             "layers": indices, "dtype": config.dtype, "device": ctx.device.type}
-    return ctx.cache.get_or_compute(parts, compute)
-
-
-def _ratios(ctx: "TrialContext", state: "TrialState", indices: list[int], sizes: list[int], level: float) -> list[float]:
-    config = ctx.config
-    if config.pruning_strategy == "uniform":
-        return [level] * len(indices)
-
-    scores = [state.layer_importance["scores"][i] for i in indices]
-    return allocate_ratios(scores, level, config.pruning_strategy, config.alpha, config.min_pruning_rate,
-                           config.max_pruning_rate, layer_sizes=sizes)
-
-
-def prunable_params(ctx: "TrialContext") -> int:
+def prunable_params(ctx: TrialContext) -> int:
     return sum(w.numel() for w in ctx.loaded.adapter.prunable_weights().values())
 
 
-def structured_step(ctx: "TrialContext", state: "TrialState", level: float) -> tuple[Masks, dict[str, Any]]:
+class StructuredStep:
+    """Remove whole kv groups and MLP channels (Taylor importance); the model gets smaller.
+
+    Nothing is zeroed, so the masks it hands to recovery are all True; its sparsity is the
+    fraction of the in-range prunable parameters that is gone.
+    """
+
+    def prune(self, ctx: TrialContext, state: TrialState, level: float, previous: Masks | None) -> StepOutcome:
+        masks, record = shrink(ctx, state, level)
+        return StepOutcome(masks, {"layer_ratios": record["layer_ratios"], "structured": record})
+
+    def sparsity(self, ctx: TrialContext, outcome: StepOutcome) -> float:
+        return outcome.record["structured"]["sparsity"]
+
+
+def shrink(ctx: TrialContext, state: TrialState, level: float) -> tuple[Masks, dict[str, Any]]:
     """Shrink the model in place to `level` of its in-range prunable parameters."""
 
     settings, model, adapter = ctx.settings, ctx.loaded.model, ctx.loaded.adapter
@@ -70,10 +53,10 @@ def structured_step(ctx: "TrialContext", state: "TrialState", level: float) -> t
     with ctx.timer.phase("latency"):
         latency_before = measure_latency(model, settings.context_length, ctx.device, seed=ctx.config.seed)
     with ctx.timer.phase("taylor"):
-        taylor = _taylor(ctx, indices)
+        taylor = taylor_scores(ctx, indices)
     scores = [LayerUnitScores(**entry) for entry in taylor["scores"]]
     sizes = layer_param_counts(adapter, indices)
-    ratios = _ratios(ctx, state, indices, sizes, level)
+    ratios = layer_ratios(ctx, state, level, indices, sizes) or [level] * len(indices)
     with ctx.timer.phase("prune"):
         result = prune_structured(adapter, scores, ratios)
         mark_shrunk(model)
