@@ -65,7 +65,6 @@ def load_text(source: TextSource) -> str:
     if source.is_file:
         return _read_local(Path(source.name))
     if source.name == "pydoc":
-
         return pydoc_corpus_text("train" if source.split == "train" else "test")
     return _load_hub_text(source)
 

@@ -83,7 +83,6 @@ def _warmup(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Run a trial until its first iteration is reported; return where the time went."""
     import socket
 
-
     started = time.perf_counter()
     first: dict[str, Any] = {}
 
@@ -117,7 +116,6 @@ def iteration_range(space: SearchSpace, config) -> tuple[int, int]:
 def make_plan(settings) -> dict[str, Any]:
     """Resources, concurrency and a measured time estimate for `settings`; launches no trial."""
     import ray
-
 
     settings.validate()
     space = load_space(settings.space)

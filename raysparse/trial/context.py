@@ -71,7 +71,6 @@ def _prepare(config: TrialConfig) -> TrialContext:
                                                 settings.train_seqlen, config.seed + 1)
     cache = None
     if config.stats_cache:
-
         cache = StatsCache(config.stats_cache)
     return TrialContext(config, settings, loaded, device, eval_stream, calib, importance_calib, train_windows,
                         timer, cache, taylor_windows)

@@ -59,7 +59,6 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     job: _Job = ray.get(config["job"])
@@ -203,7 +202,6 @@ def _shard(model: nn.Module, device: torch.device, world: int) -> None:
     """FSDP2: one unit per decoder block (so only one block is unsharded at a time), then the rest."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
 
     mesh = init_device_mesh(device.type, (world,))
     for layer in get_adapter(model).decoder_layers():
