@@ -134,16 +134,32 @@ class LayerImportance:
 class _SkipLayer(nn.Module):
     """Stands in for a decoder layer and returns its input hidden states untouched.
 
-    transformers 5.x decoder layers (Llama, OPT, GPT-2) return a bare tensor, and the model's
-    layer loop assigns it straight back to ``hidden_states``; so this returns a tensor too.
+    It returns them in the form the real layer returns its output, because the model's layer
+    loop unpacks that form: recent transformers releases return a bare tensor from every
+    decoder layer, earlier 5.x releases a tuple for some families (OPT, GPT-2), whose first
+    element the loop takes. `tuple_length` (0 = bare tensor) is recorded from the real layer.
     """
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, tuple_length: int = 0):
         super().__init__()
         self.layer = layer  # kept so the module tree (and attributes like layer_idx) stay reachable
+        self.tuple_length = tuple_length
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[Any, ...]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) + (None,) * (self.tuple_length - 1) if self.tuple_length else hidden
+
+
+def _output_forms(layers: nn.ModuleList) -> tuple[list[int], list[Any]]:
+    """Hooks that record each layer's output form (tuple length, 0 = tensor) on the next forward."""
+    forms = [0] * len(layers)
+
+    def recorder(index: int):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            forms[index] = len(output) if isinstance(output, (tuple, list)) else 0
+        return hook
+
+    return forms, [layer.register_forward_hook(recorder(i)) for i, layer in enumerate(layers)]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -191,12 +207,17 @@ def removal_importance(
     model.eval()
     layers = adapter.decoder_layers()
     scores: list[float] = []
+    forms, hooks = _output_forms(layers)
     try:
-        base = mean_next_token_loss(model, calib_windows, batch_size)
+        try:
+            base = mean_next_token_loss(model, calib_windows, batch_size)
+        finally:
+            for hook in hooks:
+                hook.remove()
         logger.info("removal importance: base loss %.5f over %d windows", base, calib_windows.shape[0])
         for index in range(len(layers)):
             original = layers[index]
-            layers[index] = _SkipLayer(original)
+            layers[index] = _SkipLayer(original, forms[index])
             try:
                 loss = mean_next_token_loss(model, calib_windows, batch_size)
             finally:

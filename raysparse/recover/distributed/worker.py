@@ -201,7 +201,11 @@ def _build_model(job: _Job, state: dict[str, torch.Tensor]) -> nn.Module:
 def _shard(model: nn.Module, device: torch.device, world: int) -> None:
     """FSDP2: one unit per decoder block (so only one block is unsharded at a time), then the rest."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 ships FSDP2 under its composable namespace only
+        from torch.distributed._composable.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
     for layer in get_adapter(model).decoder_layers():
