@@ -14,7 +14,6 @@ from raysparse.search.settings import DEFAULT_SPACE, OBJECTIVES, SearchSettings
 
 
 def build_search_parser() -> argparse.ArgumentParser:
-
     defaults = SearchSettings()
     p = argparse.ArgumentParser(
         prog="launch/search.py",

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from raysparse.errors import ConfigError
 
 
 def validate_cluster_config(path: str | Path) -> dict[str, Any]:
     """Load, fill defaults and validate a cluster YAML with Ray's own validator."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():

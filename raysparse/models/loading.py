@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from raysparse.errors import ModelError
 from raysparse.models.adapters import SHRUNK_PREFIX, ModelAdapter, adapter_class_for, count_params, get_adapter
@@ -79,7 +80,6 @@ def _is_shrunk_folder(name_or_path: str) -> bool:
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """Load only the config (cheap), so family and context checks run before the weights."""
-    from transformers import AutoConfig
 
     if _is_shrunk_folder(name_or_path):
         pass
@@ -104,7 +104,6 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load model + tokenizer from a hub id, a local folder, or the `tiny` preset."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     load_config(path, trust_remote_code)

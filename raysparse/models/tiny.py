@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from raysparse.data.pydoc import _corpus_fingerprint, pydoc_corpus_text
 from raysparse.models.adapters import count_params
@@ -67,7 +68,6 @@ def build_tiny_model(out_dir: Path, config: TinyPretrainConfig | None = None) ->
     global torch RNG only inside ``fork_rng``, leaving the caller's RNG state untouched.
     Returns the info dict.
     """
-    import transformers
 
     config = config or TinyPretrainConfig()
     out_dir = Path(out_dir)

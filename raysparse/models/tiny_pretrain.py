@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from raysparse.data.pydoc import DOC_SEPARATOR
 from raysparse.errors import DataError, ModelError
@@ -75,8 +78,6 @@ def train_tokenizer(text: str, vocab_size: int) -> Any:
     ``model_max_length`` is left unbounded on purpose: whole corpora are encoded as one
     stream and cut into windows afterwards, which a bound would flood with warnings.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -106,8 +107,6 @@ def _encode_stream(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def _build_model(config: TinyPretrainConfig, tokenizer: Any) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads:
         raise ModelError(
             f"tiny preset: hidden_size {config.hidden_size}, num_heads {config.num_heads} and "
@@ -160,7 +159,6 @@ def _sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator
 
 def _pretrain(model: torch.nn.Module, stream: torch.Tensor, config: TinyPretrainConfig) -> list[float]:
     """Train in place; returns the per-step training losses."""
-    from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = _make_optimizer(model, config)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import distribute_tensor
 
 from raysparse.recover.loop import TrainResult, TrainSettings, fit
 from raysparse.sparsity.masks import Masks
@@ -27,8 +28,6 @@ def mask_hooks(model: nn.Module, masks: Masks) -> tuple[Callable[[], None], Call
         param = params[_find_param_name(params, name)]
         local_mask = mask.to(device=param.device, dtype=param.dtype)
         if hasattr(param, "device_mesh") and hasattr(param, "placements"):
-            from torch.distributed.tensor import distribute_tensor
-
             local_mask = distribute_tensor(local_mask, param.device_mesh, param.placements)
         pairs.append((param, local_mask))
 

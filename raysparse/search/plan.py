@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,6 @@ class _WarmupDone(Exception):
 
 def _warmup(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Run a trial until its first iteration is reported; return where the time went."""
-    import socket
 
     started = time.perf_counter()
     first: dict[str, Any] = {}

@@ -5,6 +5,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
 from raysparse.errors import RaysparseError
 from raysparse.search.plots import export_study, write_plots
 from raysparse.search.settings import BEST_CONFIG_FILE, OBJECTIVES, RESULTS_CSV, RESULTS_PARQUET, SearchSettings
@@ -29,9 +33,6 @@ def _live_study(searcher):
 def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experiment: Path,
                       study=None) -> dict[str, Any]:
     """One row per trial (config, metrics, status, error) as CSV + Parquet; the best config as JSON."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     metrics_names, modes = OBJECTIVES[settings.objective]
     rows = []

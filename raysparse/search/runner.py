@@ -36,7 +36,6 @@ def _connect(settings: SearchSettings) -> None:
     if ray.is_initialized():
         return
     if settings.address:
-
         check_address_reachable(settings.address)  # ray.init would hang for minutes on a dead address
     try:
         if settings.address:
@@ -88,7 +87,6 @@ def _check_resources(settings: SearchSettings, space: SearchSpace) -> None:
 
 
 def _storage_root(settings: SearchSettings) -> str:
-
     if is_uri(settings.storage):
         check_writable(settings.storage)
         return settings.storage.rstrip("/")
@@ -106,7 +104,6 @@ def _storage_root(settings: SearchSettings) -> str:
 def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str, Any]:
     """Run (or resume) a search; write the results table and the best config; return a report."""
     from ray import tune
-
 
     remote: str | None = None  # the experiment's URI when --storage is object storage
     if resume:
@@ -136,13 +133,11 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     _connect(settings)
     _check_resources(settings, space)
     if remote is None:
-
         check_shared_storage(str(experiment.parent))
 
     stats_dir = None if remote else _stats_cache_dir(experiment)
     coordinator = None
     if stats_dir is not None:
-
         coordinator = start_coordinator(stats_dir)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir,

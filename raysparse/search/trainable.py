@@ -46,13 +46,11 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: st
     import ray
     from ray import tune
 
-
     config = space.sample_config(params)
     local_dir = Path(tune.get_context().get_trial_dir())
     output = (Path(trials_root) / local_dir.name if trials_root else local_dir) / "trial"
     remote_output = None
     if storage_uri:
-
         remote_output = join(storage_uri, local_dir.name, "trial")
         if not output.exists():
             download_dir(remote_output, output)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raysparse.models.adapters import ModelAdapter
@@ -109,14 +110,10 @@ def verify_masks(model: nn.Module, masks: Masks) -> None:
 
 
 def save_masks(masks: Masks, folder: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(folder) / MASKS_FILE
     save_file({name: mask.to(torch.uint8).contiguous() for name, mask in masks.items()}, str(path))
     return path
 
 
 def load_masks(folder: str | Path) -> Masks:
-    from safetensors.torch import load_file
-
     return {name: t.to(torch.bool) for name, t in load_file(str(Path(folder) / MASKS_FILE)).items()}

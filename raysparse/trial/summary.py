@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from raysparse import __version__
 from raysparse.data.sources import resolve_source
@@ -85,8 +86,6 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
 
 
 def _transformers_version() -> str:
-    import transformers
-
     return transformers.__version__
 
 

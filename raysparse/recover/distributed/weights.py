@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raysparse.recover.distributed.job import EvalSpec
@@ -48,14 +49,10 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 
 
 def _write_weights(folder: Path, state: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE))
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     state = load_file(str(folder / WEIGHTS_FILE))
     meta = json.loads((folder / META_FILE).read_text())
     for alias, source in meta.get("aliases", {}).items():

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 
 from raysparse.errors import RaysparseError
 from raysparse.metrics.perplexity import perplexity
@@ -57,7 +60,6 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -160,7 +162,6 @@ def _report_epoch(model: nn.Module, job: _Job, records: list[EpochRecord], basel
                   sessions: list[dict[str, Any]], stopped_early: bool, rank: int) -> None:
     """Gather the full state dict (a collective), let rank 0 write it, report on every rank."""
     import ray.train
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     record = records[-1]
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -200,7 +201,6 @@ def _build_model(job: _Job, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def _shard(model: nn.Module, device: torch.device, world: int) -> None:
     """FSDP2: one unit per decoder block (so only one block is unsharded at a time), then the rest."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     try:
         from torch.distributed.fsdp import fully_shard
