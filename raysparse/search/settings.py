@@ -1,10 +1,11 @@
 """How a search runs (objective, samples, concurrency, storage); what it searches is the space."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysparse.config import check_settings, setting
 from raysparse.errors import ConfigError
 
 SEARCH_STATE_FILE = "raysparse_search.json"
@@ -32,36 +33,42 @@ OBJECTIVES: dict[str, tuple[list[str], list[str]]] = {
 
 @dataclass
 class SearchSettings:
-    """How to run a search (what to search lives in the space file)."""
+    """How to run a search (what to search lives in the space file).
 
-    objective: str = "final_ppl"
-    space: str = str(DEFAULT_SPACE)
-    num_samples: int = 8
-    max_concurrent: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    address: str | None = None
-    storage: str = "runs"
-    name: str | None = None
-    seed: int = 0
-    max_failures: int = 1
-    early_stopping: bool = True
-    grace_sparsity_pct: int = 20
-    searcher: str = "optuna"  # or "random" (the baseline a model-based search must beat)
+    Declared with `setting(...)` like TrialConfig, so launch/search.py's flags and their
+    --help lines, and the simple checks in validate(), follow from the fields.
+    """
+
+    objective: str = setting("final_ppl", "final_ppl: min perplexity at the target; ppl_vs_compute / ppl_vs_params: "
+                             "Pareto set of perplexity vs training steps / parameters left", choices=tuple(OBJECTIVES))
+    space: str = setting(str(DEFAULT_SPACE), "search space YAML (see search_spaces/)",
+                         shown="search_spaces/default.yaml")
+    num_samples: int = setting(8, "trials to run", within=">= 1")
+    max_concurrent: int = setting(2, "trials running at once at most", within=">= 1")
+    cpus_per_trial: float = setting(1.0, "CPUs each trial holds", within="> 0",
+                                    fix="a Tune trial cannot hold zero CPUs; use e.g. --cpus-per-trial 0.2")
+    gpus_per_trial: float = setting(0.0, "GPUs each trial holds", within=">= 0")
+    address: str | None = setting(None, "Ray cluster address (e.g. auto)", shown="a local Ray instance")
+    storage: str = setting("runs", "folder (or s3://, gs://) for results")
+    name: str | None = setting(None, "experiment name", shown="search-<timestamp>")
+    seed: int = setting(0, "searcher seed")
+    max_failures: int = setting(1, "retries per trial")
+    early_stopping: bool = setting(True, "ASHA stops weak trials at sparsity milestones "
+                                   "(--no-early-stopping: every trial runs to the end)")
+    grace_sparsity_pct: int = setting(20, "first ASHA milestone, in percent sparsity")
+    searcher: str = setting("optuna", "optuna (TPE, NSGA-II for two objectives) or random (the baseline a "
+                            "model-based search must beat)", choices=("optuna", "random"))
     # A custom resource each trial (its Train driver) also holds, e.g. "driver", which
     # cluster.yaml gives only the head node: trials then never sit on spot GPU workers.
-    driver_resource: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    driver_resource: str | None = setting(None, "custom resource each trial also holds (1 unit), e.g. driver: keeps "
+                                          "trials and their Train drivers on the nodes that offer it (cluster.yaml: "
+                                          "the head)")
+    extra: dict[str, Any] = setting(factory=dict, help="free-form values recorded with the search's settings",
+                                    cli=False)
 
     def validate(self) -> "SearchSettings":
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective '{self.objective}': choose one of {', '.join(OBJECTIVES)}")
-        if self.num_samples < 1 or self.max_concurrent < 1:
-            raise ConfigError("--num-samples and --max-concurrent must be >= 1")
-        if self.cpus_per_trial <= 0:
-            raise ConfigError("--cpus-per-trial must be > 0 (a Tune trial cannot hold zero CPUs; use e.g. 0.2)")
-        if self.searcher not in ("optuna", "random"):
-            raise ConfigError(f"unknown searcher '{self.searcher}': choose optuna or random")
+        """Declared types, choices and bounds, then the driver resource's name."""
+        check_settings(self)
         if self.driver_resource is not None and (not self.driver_resource.strip()
                                                  or self.driver_resource.lower() in ("cpu", "gpu", "memory")):
             raise ConfigError(f"--driver-resource '{self.driver_resource}' must name a custom resource, "

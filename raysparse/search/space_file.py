@@ -15,11 +15,11 @@ from raysparse.search.space import KINDS, TOP_LEVEL_KEYS, ParamSpec, SearchSpace
 from raysparse.search.space_fields import (
     _CATEGORICAL_TYPES,
     _FLOAT_RE,
-    EXTRA_TYPES,
     FieldType,
     _allowed_names,
     _coerce_value,
     _is_number,
+    takes_floats,
     trial_fields,
 )
 
@@ -184,7 +184,7 @@ def _parse_range(kind: str, body: Any, raw: Mapping[str, Any], ftype: FieldType,
     shape = "[low, high, step]" if arity == 3 else "[low, high]"
     if not isinstance(body, list) or len(body) != arity:
         raise ConfigError(f"{where}: {kind} takes {shape}, got {body!r}")
-    numeric_field = ftype.base in (int, float) or float in EXTRA_TYPES.get(ftype.name, ())
+    numeric_field = ftype.base is int or takes_floats(ftype)
     if kind == "int":
         if ftype.base is not int:
             hint = "use uniform/loguniform/quniform" if numeric_field else "use choice: [...]"
@@ -206,7 +206,7 @@ def _parse_range(kind: str, body: Any, raw: Mapping[str, Any], ftype: FieldType,
             raise ConfigError(f"{where}: log: true works only with step 1 (optuna cannot combine them)")
         _check_grid(low, high, step, where)
         return ParamSpec.integer(low, high, step=step, log=log, when=when)
-    if not (ftype.base is float or float in EXTRA_TYPES.get(ftype.name, ())):
+    if not takes_floats(ftype):
         hint = "use int: [low, high]" if ftype.base is int else "use choice: [...]"
         raise ConfigError(f"{where}: {kind} draws floats but {ftype.name} takes {ftype.label}; {hint}")
     low = _bound(body[0], where, "low")
