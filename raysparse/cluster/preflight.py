@@ -21,9 +21,7 @@ from raysparse.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-
 CONNECT_TIMEOUT_S = 5.0
-
 
 PROBE_TIMEOUT_S = 120.0
 

@@ -19,12 +19,9 @@ from raysparse.errors import ConfigError
 
 _LABELS = {int: "an int", float: "a float", str: "a string", bool: "a bool", list: "a list", dict: "a mapping"}
 
-
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 
-
 _HALF_LINE = re.compile(rf"^(>=|>)\s*({_NUMBER})$")
-
 
 _INTERVAL = re.compile(rf"^([\[(])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\])])$")
 

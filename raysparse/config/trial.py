@@ -22,37 +22,26 @@ from raysparse.sparsity.pattern import SparsityPattern, parse_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "structured")
 
-
 SCHEDULES = ("oneshot", "iterative")
-
 
 RECOVERIES = ("none", "masked", "lora")
 
-
 MAGNITUDE_SCOPES = ("layer", "global")
-
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-
 DEFAULT_MAX_WINDOW = 2048
-
 
 # --help sections (a setting without a group is listed under the general options)
 SCHEDULE = "schedule"
 
-
 RECOVERY = "recovery"
-
 
 RATIOS = "per-layer ratios from layer importance"
 
-
 STRUCTURED = "structured pruning (--method structured)"
 
-
 _DATA = "wikitext2 | c4 | ptb | pydoc | PATH (.txt/.jsonl)"
-
 
 _WINDOW = f"the model's context, at most {DEFAULT_MAX_WINDOW}"
 

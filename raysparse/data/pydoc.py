@@ -11,15 +11,12 @@ from raysparse.errors import DataError
 
 CORPUS_SPLITS = ("train", "test")
 
-
 # Every TEST_EVERY-th document (in sorted-key order), starting at TEST_OFFSET, is held
 # out. With the 79 topics of CPython 3.11 this gives 10 documents, ~49K characters
 # (~10% of the text): enough for a stable perplexity, while keeping train large.
 TEST_EVERY = 8
 
-
 TEST_OFFSET = 2
-
 
 DOC_SEPARATOR = "\n\n"
 

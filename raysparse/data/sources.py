@@ -23,12 +23,9 @@ from raysparse.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-
 Role = Literal["calibration", "evaluation"]
 
-
 NAMED_DATASETS = ("wikitext2", "c4", "ptb", "pydoc")
-
 
 # How many C4 validation documents the SparseGPT/Wanda evaluation uses.
 _C4_EVAL_DOCS = 1100

@@ -246,7 +246,6 @@ class GPT2Adapter(ModelAdapter):
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)
 
-
 SHRUNK_PREFIX = "raysparse_"  # model_type of a structurally pruned model with per-layer sizes
 
 

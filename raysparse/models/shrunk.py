@@ -49,7 +49,6 @@ from raysparse.models.resize import layer_shapes, resize_to_shapes
 
 LAYER_SHAPES_KEY = "raysparse_layer_shapes"
 
-
 REMOTE_CODE_MODULE = "modeling_raysparse"
 
 

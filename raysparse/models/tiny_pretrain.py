@@ -21,18 +21,13 @@ logger = logging.getLogger(__name__)
 
 TINY_PRESET_NAME = "tiny"
 
-
 BOS_TOKEN = "<s>"
-
 
 EOS_TOKEN = "</s>"
 
-
 PAD_TOKEN = "<pad>"
 
-
 UNK_TOKEN = "<unk>"
-
 
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 

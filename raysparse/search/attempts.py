@@ -20,7 +20,6 @@ from raysparse.trial.state import CHECKPOINT_DIR, RESUME_IGNORED, STATE_FILE, SU
 
 logger = logging.getLogger(__name__)
 
-
 ATTEMPTS_FILE = "attempts.json"
 
 

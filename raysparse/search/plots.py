@@ -12,7 +12,6 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-
 OPTUNA_DB = "optuna.db"
 
 

@@ -10,18 +10,13 @@ from raysparse.errors import ConfigError
 
 SEARCH_STATE_FILE = "raysparse_search.json"
 
-
 RESULTS_CSV = "results.csv"
-
 
 RESULTS_PARQUET = "results.parquet"
 
-
 BEST_CONFIG_FILE = "best_config.json"
 
-
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
-
 
 # Objective name -> (metrics, modes). The first is single-objective (ASHA applies).
 OBJECTIVES: dict[str, tuple[list[str], list[str]]] = {

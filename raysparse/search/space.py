@@ -43,9 +43,7 @@ from raysparse.errors import ConfigError
 
 Kind = Literal["uniform", "loguniform", "int", "quniform", "choice"]
 
-
 KINDS: tuple[str, ...] = ("uniform", "loguniform", "int", "quniform", "choice")
-
 
 TOP_LEVEL_KEYS = ("description", "fixed", "params", "source")
 

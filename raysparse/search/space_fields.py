@@ -13,9 +13,7 @@ from raysparse.errors import ConfigError
 
 FieldType = Setting  # what the space parser calls a field's declared type
 
-
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
 
 _CATEGORICAL_TYPES = (type(None), bool, int, float, str)
 

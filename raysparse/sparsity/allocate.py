@@ -26,7 +26,6 @@ from raysparse.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-
 STRATEGIES: tuple[str, ...] = ("inverse", "proportional", "uniform")
 
 

@@ -34,7 +34,6 @@ from raysparse.models.layer_inputs import _layer_output, capture_layer_inputs
 
 logger = logging.getLogger(__name__)
 
-
 IMPORTANCE_METHODS: tuple[str, ...] = ("removal", "activation")
 
 

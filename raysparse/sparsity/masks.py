@@ -17,7 +17,6 @@ from raysparse.models.adapters import ModelAdapter
 
 MASKS_FILE = "masks.safetensors"
 
-
 Masks = dict[str, torch.Tensor]
 
 

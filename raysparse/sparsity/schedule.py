@@ -13,7 +13,6 @@ from raysparse.errors import ConfigError
 
 SCHEDULES = ("oneshot", "iterative")
 
-
 _EPS = 1e-9
 
 

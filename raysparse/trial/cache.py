@@ -24,9 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-
 ACTOR_NAME = "raysparse-stats-cache"
-
 
 T = TypeVar("T")
 

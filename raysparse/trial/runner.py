@@ -41,7 +41,6 @@ __all__ = ["PruneResult", "Reporter", "TrialFailed", "TrialResult", "prune_model
 
 logger = logging.getLogger(__name__)
 
-
 Reporter = Callable[[dict[str, Any]], None]
 
 

@@ -17,18 +17,13 @@ from raysparse.sparsity.masks import Masks, load_masks, save_masks
 
 SUMMARY_FILE = "summary.json"
 
-
 MODEL_DIR = "model"
-
 
 CHECKPOINT_DIR = "checkpoint"
 
-
 RAY_TRAIN_DIR = "ray_train"  # per-epoch checkpoints of distributed recovery
 
-
 STATE_FILE = "state.json"
-
 
 # Settings that may change between an interrupted run and its resumption.
 RESUME_IGNORED = ("output", "save", "resume", "device", "eval_batch_size", "stats_cache")

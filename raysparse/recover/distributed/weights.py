@@ -18,7 +18,6 @@ from raysparse.sparsity.masks import Masks, MaskViolation
 
 WEIGHTS_FILE = "model.safetensors"
 
-
 META_FILE = "recovery.json"
 
 
