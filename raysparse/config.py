@@ -91,6 +91,7 @@ class TrialConfig:
     workers: int = 1
     resume: bool = True
     stats_cache: str | None = None  # folder of shared dense-model statistics (set by a search)
+    ray_train_storage: str | None = None  # where distributed recovery keeps epoch checkpoints (set by a search)
     # non-uniform per-layer sparsity from layer importance
     pruning_strategy: str = "uniform"
     alpha: float = 1.0
