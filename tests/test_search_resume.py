@@ -9,6 +9,14 @@ from raysparse.cli.search import search_main
 
 pytestmark = pytest.mark.slow
 
+def is_complete(summary_file) -> bool:
+    """A finished trial's summary that Tune has copied in full (its final report's checkpoint)."""
+    try:
+        return json.loads(summary_file.read_text())["status"] == "completed"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, tmp_path):
     """Kill `launch/search.py` after its first finished trial; `--resume` completes the rest."""
     import os
@@ -33,7 +41,7 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
     finished: list[Path] = []
     while time.time() < deadline and not finished:
         time.sleep(1)
-        finished = [p for p in experiment.glob("*/trial/summary.json") if '"completed"' in p.read_text()]
+        finished = [p for p in experiment.glob("*/checkpoint_*/summary.json") if is_complete(p)]
     assert finished, f"no trial finished before the deadline (driver exit code {proc.poll()})"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=30)
@@ -47,7 +55,7 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())  # not re-run
     assert (tmp_path / "runs" / "stats_cache").is_dir()  # the killed search's statistics were reused
-    summaries = [json.loads(p.read_text()) for p in experiment.glob("*/trial/summary.json")]
+    summaries = [json.loads(p.read_text()) for p in experiment.glob("*/checkpoint_*/summary.json")]
     assert sum(e["outcome"] == "computed" for s in summaries for e in s["stats_cache"]) == 1
 
 
@@ -71,5 +79,5 @@ def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path):
     (row,) = report["rows"]
     assert row["status"] == "completed", row["error"]
     assert row["sparsity"] == pytest.approx(0.5, abs=1 / 64)
-    summary = json.loads(next((tmp_path / "runs" / "tit").glob("*/trial/summary.json")).read_text())
+    summary = json.loads(next((tmp_path / "runs" / "tit").glob("*/checkpoint_*/summary.json")).read_text())
     assert summary["config"]["workers"] == 2 and summary["history"][0]["steps"] >= 1

@@ -5,10 +5,12 @@ import dataclasses
 import logging
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from raysparse.cluster.storage import delete_dir, join
+from raysparse.config import TrialConfig
 from raysparse.search.resume import finished_in, finished_on_storage, last_attempt, restore_into
 from raysparse.search.space import SearchSpace
 from raysparse.trial.checkpoint import checkpoint_of
@@ -50,24 +52,34 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str
                      stats_cache: str | None = None) -> None:
     """Tune function trainable: one raysparse trial, resumable through Tune's checkpoints.
 
-    The trial works in its node-local folder; after every finished iteration it reports that
-    iteration's checkpoint (written there by `run_trial`) with `tune.report`, and Tune copies
-    it to the trial's folder on the search's storage (`experiment`, a path or a URI). A
-    retry, on whichever node, installs `tune.get_checkpoint()` locally and continues after
-    the iteration it holds. The final report carries the finished output folder
+    The trial works in a node-local scratch folder; after every finished iteration it
+    reports that iteration's checkpoint (written there by `run_trial`) with `tune.report`,
+    and Tune copies it to the trial's folder on the search's storage (`experiment`, a path
+    or a URI). A retry, on whichever node, installs `tune.get_checkpoint()` locally and
+    continues after the iteration it holds. The final report carries the finished output
     (summary.json, and model/ with `save`) as its checkpoint; a trial that had already
     finished is replayed from that summary instead of run again. Distributed recovery keeps
     its epoch checkpoints in `<trial folder>/ray_train` on storage, where a retry finds them.
     """
+    from ray import tune
+
+    name = Path(tune.get_context().get_trial_dir()).name  # the trial's folder name, here and on storage
+    # Not Tune's trial folder: on the driver's node the driver syncs that one to storage,
+    # which would upload the working checkpoints a second time (and leave them there).
+    output = Path(tempfile.gettempdir()) / "raysparse-trials" / name
+    shutil.rmtree(output, ignore_errors=True)  # resume from Tune's checkpoint, never a stale leftover
+    config = dataclasses.replace(space.sample_config(params), output=str(output), resume=True,
+                                 stats_cache=stats_cache, ray_train_storage=join(experiment, name, RAY_TRAIN_DIR))
+    try:
+        _run(config, output, join(experiment, name))
+    finally:
+        shutil.rmtree(output, ignore_errors=True)  # what is worth keeping went to storage with a report
+
+
+def _run(config: TrialConfig, output: Path, trial_uri: str) -> None:
     import ray
     from ray import tune
 
-    local = Path(tune.get_context().get_trial_dir())
-    trial_uri = join(experiment, local.name)  # the same trial folder name on storage
-    output = local / "trial"
-    shutil.rmtree(output, ignore_errors=True)  # resume from Tune's checkpoint, never a stale local leftover
-    config = dataclasses.replace(space.sample_config(params), output=str(output), resume=True,
-                                 stats_cache=stats_cache, ray_train_storage=join(trial_uri, RAY_TRAIN_DIR))
     checkpoint = tune.get_checkpoint()
     summary = finished_in(checkpoint, config) or finished_on_storage(trial_uri, config)
     if summary is not None:  # finished before a driver kill: replay its reports, do not re-run
@@ -82,7 +94,7 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str
     placement = {"attempt": len(restored.attempts) + 1 if restored else 1, "node_id": node_id,
                  "resumed_after": restored.completed if restored else 0}
     if restored is not None:
-        logger.info("trial %s: attempt %d on node %s, resuming after iteration %d", local.name,
+        logger.info("trial %s: attempt %d on node %s, resuming after iteration %d", output.name,
                     placement["attempt"], node_id[:12], restored.completed)
 
     def report(record: dict[str, Any]) -> None:
@@ -92,6 +104,4 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str
 
     summary = run_trial(config, reporter=report, node_id=node_id).summary
     tune.report(_final_metrics(summary, placement), checkpoint=tune.Checkpoint.from_directory(str(output)))
-    # On storage now; neither the local copy nor the epoch checkpoints are needed again.
-    shutil.rmtree(output, ignore_errors=True)
-    delete_dir(config.ray_train_storage)
+    delete_dir(config.ray_train_storage)  # the epoch checkpoints of a finished trial are not needed again
