@@ -156,3 +156,13 @@ def test_a_tune_checkpoint_is_installed_as_the_newest_version(tmp_path):
     assert restore_into(None, output) is None
     assert restore_into(Checkpoint.from_directory(str(tmp_path / "deleted")), output) is None
     assert not list(output.glob(".checkpoint-staging-*"))
+
+
+def test_a_checkpoint_of_the_old_layout_is_resumed_and_then_replaced(tmp_path):
+    loaded = loaded_model()
+    masks = masks_of(loaded.model)
+    save_checkpoint(tmp_path, state(1), loaded, masks).rename(tmp_path / "checkpoint")  # as the old writer left it
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint"
+    assert load_trial_state(tmp_path, TrialConfig(model="m", lr=0.001)).completed == 1
+    save_checkpoint(tmp_path, state(2), loaded, masks)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-000002"]

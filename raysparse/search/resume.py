@@ -14,12 +14,15 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysparse.cluster.storage import join, list_dirs, read_text
 from raysparse.config import TrialConfig
 from raysparse.trial.checkpoint import commit, completed_summary, new_staging, read_state
 from raysparse.trial.state import STATE_FILE, SUMMARY_FILE, TrialState
+
+if TYPE_CHECKING:
+    from ray.tune import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def _read_json(filesystem: Any, path: str) -> dict[str, Any] | None:
         return None
 
 
-def finished_in(checkpoint: Any, config: TrialConfig) -> dict[str, Any] | None:
+def finished_in(checkpoint: Checkpoint | None, config: TrialConfig) -> dict[str, Any] | None:
     """The completed summary a Tune checkpoint holds (a final report's), if it is of this trial.
 
     Reads one file through the checkpoint's own filesystem: an iteration checkpoint holds
@@ -63,7 +66,7 @@ def finished_on_storage(trial_uri: str, config: TrialConfig) -> dict[str, Any] |
     return None
 
 
-def restore_into(checkpoint: Any, output: Path) -> TrialState | None:
+def restore_into(checkpoint: Checkpoint | None, output: Path) -> TrialState | None:
     """Install Tune's checkpoint as the newest checkpoint folder of `output`; its state.
 
     None when there is no checkpoint or it cannot be read (e.g. removed from storage while

@@ -6,7 +6,8 @@ after that rename are the other versions removed. A rename inside one folder is 
 so a crash at any instant leaves the previous checkpoint, the new one, or both, never
 none; the loader takes the newest complete one and never reads a staging folder (the
 next save sweeps those up). The old layout renamed `checkpoint/` aside before moving the
-new one in, an instant in which a crash left no checkpoint at all.
+new one in, an instant in which a crash left no checkpoint at all; such a folder is still
+read (as the oldest version) and removed by the next save.
 
 One writer for a trial alone and in a search: `launch/prune.py --output DIR` resumes from
 the newest folder here, and a search's reporter hands the same folder to Ray Tune as the
@@ -43,7 +44,12 @@ def checkpoint_name(completed: int) -> str:
     return f"{CHECKPOINT_PREFIX}{completed:06d}"
 
 
+LEGACY_DIR = "checkpoint"  # the single folder of the old layout: read as the oldest version
+
+
 def _version(folder: Path) -> int | None:
+    if folder.name == LEGACY_DIR:  # so a run interrupted before the upgrade still resumes
+        return -1
     digits = folder.name[len(CHECKPOINT_PREFIX):]
     return int(digits) if folder.name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
 
