@@ -43,7 +43,7 @@ def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
 def _final_metrics(summary: dict[str, Any], placement: dict[str, Any]) -> dict[str, Any]:
     final = _trial_metrics(summary["history"][-1])
     final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"], **placement)
-    if summary.get("wall_s_total") is not None:  # includes writing the summary (and model)
+    if summary.get("wall_s_total") is not None:  # up to the summary, past the last iteration
         final["wall_s_total"] = summary["wall_s_total"]
     return final
 
