@@ -46,7 +46,7 @@ def test_a_search_with_address_schedules_trials_on_both_nodes(two_node_cluster, 
     rows = pacsv.read_csv(tmp_path / "runs" / "two" / "results.csv").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     assert len({r["node_id"] for r in rows}) == 2  # trial placement is recorded and spans both nodes
-    # Trial folders are written straight to the storage path, whichever node ran them.
+    # Each finished trial reached the storage path as its final Tune checkpoint, whichever node ran it.
     assert len(list((tmp_path / "runs" / "two").glob("*/checkpoint_*/summary.json"))) == 4
 
 
