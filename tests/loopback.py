@@ -162,3 +162,14 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def trial_checkpointed_on(experiment: Path, node_id: str) -> tuple[Path, int] | None:
+    """(trial folder, iterations) of a Tune checkpoint on storage that an attempt on `node_id`
+    reported with at least one finished iteration (the attempt log travels in its state)."""
+    for state_file in sorted(experiment.glob("*/checkpoint_*/state.json")):
+        state = read_json(state_file)  # {} while Tune is still copying it
+        attempts = state.get("attempts") or [{}]
+        if attempts[-1].get("node_id") == node_id and state.get("completed", 0) >= 1:
+            return state_file.parent.parent, int(state["completed"])
+    return None

@@ -93,7 +93,7 @@ def test_iterative_trial_reports_every_iteration_and_keeps_exact_sparsity(saved_
     assert summary["iterations"] == 3 and summary["history"] == json.loads(json.dumps(records))
     assert summary["sparsity_measured"] == pytest.approx(0.6, abs=1 / 64)
     verify_masks(result.loaded.model, result.masks)
-    assert not (tmp_path / "trial" / "checkpoint").exists()  # finished: only the summary stays
+    assert not list((tmp_path / "trial").glob("*checkpoint*"))  # finished: only the summary stays
     assert json.loads((tmp_path / "trial" / "summary.json").read_text())["status"] == "completed"
 
 
@@ -112,12 +112,17 @@ def test_resume_redoes_no_finished_iteration(saved_model_dir, text_files, tmp_pa
     config = small_trial(model_dir, text_files, tmp_path)
     with pytest.raises(Interrupt):
         run_trial(config, reporter=stop_after_two)
-    assert (tmp_path / "trial" / "checkpoint" / "state.json").is_file()
+    assert [p.name for p in (tmp_path / "trial").glob("*checkpoint*")] == ["checkpoint-000002"]
     assert not (tmp_path / "trial" / "summary.json").exists()
     resumed_records = []
     resumed = run_trial(config, reporter=resumed_records.append).summary
     assert [r["iteration"] for r in resumed_records] == [3]  # 1 and 2 came from the checkpoint
     assert [h["iteration"] for h in resumed["history"]] == [1, 2, 3]
+    assert [(a["attempt"], a["resumed_after"]) for a in resumed["attempts"]] == [(1, 0), (2, 2)]
+    # Steps add up over both starts: the resumed run cost what the uninterrupted one did.
+    assert resumed["train_steps_total"] == uninterrupted["train_steps_total"] == sum(
+        h["steps"] for h in resumed["history"]) > 0
+    assert resumed["wall_s_total"] > resumed_records[0]["time_s"]
     assert resumed["ppl_final"] == pytest.approx(uninterrupted["ppl_final"], rel=1e-4)
 
 

@@ -12,16 +12,16 @@ RECORD = {"ppl_after_train": 20.0, "ppl_after_prune": 25.0, "sparsity": 0.5, "it
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_every_objective_is_reported_by_every_trial(objective):
     SearchSettings(objective=objective).validate()
-    metrics = _trial_metrics(RECORD, steps_so_far=8)
+    metrics = _trial_metrics(dict(RECORD, train_steps_total=8))
     for name in OBJECTIVES[objective][0]:
         assert metrics[name] is not None, name
 
 
 def test_only_the_last_schedule_step_marks_a_trial_completed():
     # A one-shot trial cut by ASHA at its only milestone has done all its work: completed, not stopped.
-    assert _trial_metrics(RECORD, 0)["completed"] is False
-    assert _trial_metrics(dict(RECORD, iteration=3), 0)["completed"] is True
-    assert _trial_metrics({k: v for k, v in RECORD.items() if k != "iterations_planned"}, 0)["completed"] is False
+    assert _trial_metrics(RECORD)["completed"] is False
+    assert _trial_metrics(dict(RECORD, iteration=3))["completed"] is True
+    assert _trial_metrics({k: v for k, v in RECORD.items() if k != "iterations_planned"})["completed"] is False
 
 
 def test_the_pareto_line_names_the_objective_metrics():

@@ -1,12 +1,13 @@
-"""A search on object storage: trial folders and results reach the storage URI, and --resume
-works from the URI. A file:// URI runs the same pyarrow/Tune code path as s3:// or gs://."""
+"""A search on object storage: trial checkpoints (through Tune) and results reach the storage
+URI, and --resume works from the URI. A file:// URI runs the same pyarrow/Tune code path as
+s3:// or gs://."""
 import json
 from pathlib import Path
 
 import pytest
 import ray
 
-from raysparse.cluster.storage import check_writable, download_dir, upload_dir
+from raysparse.cluster.storage import check_writable, delete_dir, list_dirs, read_text, upload_dir
 from raysparse.errors import ConfigError
 from raysparse.search.runner import run_search
 from raysparse.search.settings import SearchSettings
@@ -28,15 +29,17 @@ params:
 """
 
 
-def test_folders_round_trip_through_a_storage_uri(tmp_path):
+def test_the_driver_writes_lists_and_deletes_folders_on_a_storage_uri(tmp_path):
     local = tmp_path / "local"
-    (local / "checkpoint").mkdir(parents=True)
-    (local / "checkpoint" / "state.json").write_text('{"completed": 2}')
-    uri = (tmp_path / "bucket").as_uri() + "/exp/trial_1/trial"
+    (local / "plots").mkdir(parents=True)
+    (local / "results.csv").write_text("trial_id\n")
+    uri = (tmp_path / "bucket").as_uri() + "/exp"
     upload_dir(local, uri)
-    assert download_dir(uri, tmp_path / "elsewhere")
-    assert (tmp_path / "elsewhere" / "checkpoint" / "state.json").read_text() == '{"completed": 2}'
-    assert not download_dir((tmp_path / "bucket").as_uri() + "/nothing", tmp_path / "x")
+    assert read_text(uri + "/results.csv") == "trial_id\n" and read_text(uri + "/nothing.json") is None
+    assert list_dirs(uri) == ["plots"] and list_dirs(uri + "/missing") == []
+    delete_dir(uri + "/plots")
+    delete_dir(uri + "/missing")
+    assert list_dirs(uri) == []
 
 
 def test_unwritable_storage_is_refused_before_any_trial(tmp_path):
@@ -60,12 +63,23 @@ def test_a_search_on_a_storage_uri_uploads_trials_and_results_and_resumes_from_i
     assert report["experiment"] == f"{storage}/t"
     assert [r["status"] for r in report["rows"]] == ["completed", "completed"]
     assert (bucket / "t" / "results.csv").is_file() and (bucket / "t" / "best_config.json").is_file()
-    summaries = sorted(bucket.glob("t/*/trial/summary.json"))  # uploaded by each trial (Tune artifacts)
+    # Each trial's final report carries its finished output as a Tune checkpoint, on storage.
+    summaries = sorted(bucket.glob("t/*/checkpoint_*/summary.json"))
     assert len(summaries) == 2
     for path in summaries:
         summary = json.loads(path.read_text())
         assert summary["status"] == "completed" and summary["iterations"] >= 2
-        assert (path.parent / "attempts.json").is_file()
+        assert [a["attempt"] for a in summary["attempts"]] == [1] and summary["attempts"][0]["node_id"]
+        trial = path.parent.parent
+        # Iteration checkpoints went the same way; Tune keeps the newest two of each trial.
+        assert 1 <= len(list(trial.glob("checkpoint_*"))) <= 2 and not (trial / "ray_train").exists()
+        assert not (trial / "trial").exists()  # the working folder stays on the node, off storage
+    rows = {Path(r["path"]).name: r for r in report["rows"]}
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        row = rows[path.parent.parent.name]
+        assert (row["attempt"], row["resumed_after"]) == (1, 0)
+        assert row["train_steps_total"] == summary["train_steps_total"] == sum(h["steps"] for h in summary["history"])
     assert Path(report["local_copy"]).is_dir()
     assert [r["status"] for r in resumed["rows"]] == ["completed", "completed"]
     assert {r["final_ppl"] for r in resumed["rows"]} == {r["final_ppl"] for r in report["rows"]}

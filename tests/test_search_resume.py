@@ -9,6 +9,14 @@ from raysparse.cli.search import search_main
 
 pytestmark = pytest.mark.slow
 
+def is_complete(summary_file) -> bool:
+    """A finished trial's summary that Tune has copied in full (its final report's checkpoint)."""
+    try:
+        return json.loads(summary_file.read_text())["status"] == "completed"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, tmp_path):
     """Kill `launch/search.py` after its first finished trial; `--resume` completes the rest."""
     import os
@@ -33,7 +41,7 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
     finished: list[Path] = []
     while time.time() < deadline and not finished:
         time.sleep(1)
-        finished = [p for p in experiment.glob("*/trial/summary.json") if '"completed"' in p.read_text()]
+        finished = [p for p in experiment.glob("*/checkpoint_*/summary.json") if is_complete(p)]
     assert finished, f"no trial finished before the deadline (driver exit code {proc.poll()})"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=30)
@@ -47,12 +55,16 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())  # not re-run
     assert (tmp_path / "runs" / "stats_cache").is_dir()  # the killed search's statistics were reused
-    summaries = [json.loads(p.read_text()) for p in experiment.glob("*/trial/summary.json")]
+    summaries = [json.loads(p.read_text()) for p in experiment.glob("*/checkpoint_*/summary.json")]
     assert sum(e["outcome"] == "computed" for s in summaries for e in s["stats_cache"]) == 1
 
 
-def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path):
-    """Train-in-Tune: a trial with workers=2 launches a Ray Train FSDP run that fits beside it."""
+@pytest.mark.parametrize("storage_kind", ["folder", "uri"])
+def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path, storage_kind):
+    """Train-in-Tune: a trial with workers=2 launches a Ray Train FSDP run that fits beside it.
+
+    Its epoch checkpoints go to the trial's folder on the search's storage (Ray Train takes a
+    URI as well), where a retry on another node would find them; removed once it finished."""
     from raysparse.search.runner import run_search
     from raysparse.search.settings import SearchSettings
 
@@ -64,12 +76,18 @@ def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path):
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)  # 0.5 for the trial + 2 workers
     try:
         report = run_search(SearchSettings(space=str(space), num_samples=1, cpus_per_trial=0.5,
-                                           storage=str(tmp_path / "runs"), name="tit", early_stopping=False,
+                                           storage=str(tmp_path / "runs") if storage_kind == "folder"
+                                           else (tmp_path / "runs").as_uri(), name="tit", early_stopping=False,
                                            max_failures=0))
     finally:
         ray.shutdown()
     (row,) = report["rows"]
     assert row["status"] == "completed", row["error"]
     assert row["sparsity"] == pytest.approx(0.5, abs=1 / 64)
-    summary = json.loads(next((tmp_path / "runs" / "tit").glob("*/trial/summary.json")).read_text())
+    summary_file = next((tmp_path / "runs" / "tit").glob("*/checkpoint_*/summary.json"))
+    summary = json.loads(summary_file.read_text())
     assert summary["config"]["workers"] == 2 and summary["history"][0]["steps"] >= 1
+    trial = summary_file.parent.parent
+    assert summary["config"]["ray_train_storage"].endswith(f"{trial.name}/ray_train")
+    assert summary["config"]["ray_train_storage"].startswith("file://" if storage_kind == "uri" else "/")
+    assert not (trial / "ray_train").exists()

@@ -58,7 +58,7 @@ def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_pr
         ray.shutdown()
     rows = report["rows"]
     assert len(rows) == 1 and rows[0]["status"] == "completed", rows
-    summary_files = list((tmp_path / "runs" / "t").glob("*/trial/summary.json"))
+    summary_files = list((tmp_path / "runs" / "t").glob("*/checkpoint_*/summary.json"))
     assert len(summary_files) == 1
     record = json.loads(summary_files[0].read_text())["history"][0]
     assert record["workers"] == 2 and record["steps"] == 2

@@ -46,14 +46,14 @@ def test_a_search_with_address_schedules_trials_on_both_nodes(two_node_cluster, 
     rows = pacsv.read_csv(tmp_path / "runs" / "two" / "results.csv").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     assert len({r["node_id"] for r in rows}) == 2  # trial placement is recorded and spans both nodes
-    # Trial folders are written straight to the storage path, whichever node ran them.
-    assert len(list((tmp_path / "runs" / "two").glob("*/trial/summary.json"))) == 4
+    # Each finished trial reached the storage path as its final Tune checkpoint, whichever node ran it.
+    assert len(list((tmp_path / "runs" / "two").glob("*/checkpoint_*/summary.json"))) == 4
 
 
 PROBE = """
 import sys, ray
 from raysparse.errors import ConfigError
-from raysparse.preflight import check_shared_storage, unshared_nodes
+from raysparse.cluster.preflight import check_shared_storage, unshared_nodes
 ray.init(address=sys.argv[1], log_to_driver=False)
 print("absolute", unshared_nodes(sys.argv[2]))
 try:

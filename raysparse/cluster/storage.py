@@ -1,25 +1,20 @@
 """Folders on object storage (s3://, gs://, any URI pyarrow can open) for searches.
 
-A search whose `--storage` is a URI cannot have trials write their folders straight to
-storage the way a shared filesystem allows. Instead each trial works in its node-local
-folder and mirrors it to storage after every finished iteration (before reporting it, so
-what Tune has seen is always on storage; Tune's own artifact sync is asynchronous and
-skips a sync while one is running), and a trial that starts on a fresh node (a retry after
-the first node died) first downloads what its earlier attempt uploaded, so it resumes from
-the last finished iteration. The driver
-writes its own outputs (results table, plots, best config) locally and uploads them.
-pyarrow does the I/O; its filesystems pick up credentials from the environment or the
-cloud profile, never from raysparse.
+Trials need nothing from here: each reports its checkpoints to Ray Tune, which persists
+them on the search's storage path (a folder or a URI) and hands the latest back to a retry
+on whichever node. The driver writes its own outputs (results table, plots, best config)
+locally and uploads them, reads a search's recorded settings back for `--resume URI`, and
+lists a trial's folder to find a result Tune's experiment state had not caught up with.
+Paths without a scheme work too (pyarrow's local filesystem). pyarrow does the I/O; its
+filesystems pick up credentials from the environment or the cloud profile, never from
+raysparse.
 """
 from __future__ import annotations
 
-import logging
 import uuid
 from pathlib import Path
 
 from raysparse.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 def is_uri(path: str) -> bool:
@@ -64,20 +59,6 @@ def read_text(uri: str) -> str | None:
         return stream.read().decode("utf-8")
 
 
-def download_dir(uri: str, local: Path) -> bool:
-    """Copy a folder from storage into `local`; False when storage has no such folder."""
-    import pyarrow.fs
-
-    fs, path = _open(uri)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
-        return False
-    local.mkdir(parents=True, exist_ok=True)
-    pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
-    logger.info("downloaded %s to %s", uri, local)
-    return True
-
-
 def upload_dir(local: Path, uri: str) -> None:
     """Copy a local folder's files to storage (overwriting what is there)."""
     import pyarrow.fs
@@ -88,18 +69,20 @@ def upload_dir(local: Path, uri: str) -> None:
                           destination_filesystem=fs)
 
 
-def mirror_dir(local: Path, uri: str) -> None:
-    """Upload `local`, then drop top-level entries storage has but `local` no longer does
-    (a finished trial's iteration checkpoint), so storage shows the folder as it is."""
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly inside `uri` (none when it does not exist)."""
     import pyarrow.fs
 
-    upload_dir(local, uri)
     fs, path = _open(uri)
-    present = {entry.name for entry in local.iterdir()}
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if name not in present:
-            if info.type == pyarrow.fs.FileType.Directory:
-                fs.delete_dir(info.path)
-            else:
-                fs.delete_file(info.path)
+    selector = pyarrow.fs.FileSelector(path, allow_not_found=True)
+    return sorted(info.base_name for info in fs.get_file_info(selector)
+                  if info.type == pyarrow.fs.FileType.Directory)
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a folder and everything in it; nothing happens when it does not exist."""
+    import pyarrow.fs
+
+    fs, path = _open(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(path)

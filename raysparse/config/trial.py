@@ -117,6 +117,7 @@ class TrialConfig:
                            group=RECOVERY)
     resume: bool = setting(True, "continue from a checkpoint of this trial in --output (--no-resume: start over)")
     stats_cache: str | None = setting(None, "folder of shared dense-model statistics (a search sets it)")
+    ray_train_storage: str | None = setting(None, "where distributed recovery keeps its epoch checkpoints (a search sets it)")
     pruning_strategy: str = setting("uniform", "inverse: important layers pruned less; proportional: pruned more",
                                     choices=("uniform", "inverse", "proportional"), group=RATIOS)
     alpha: float = setting(1.0, "spread of the ratios (0 uniform, 1 standard, 2-3 aggressive)", within=">= 0",

@@ -50,9 +50,9 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             "error": error_reason(result.error) if result.error else None,
             **{f"param_{k}": v for k, v in params.items()},
             **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
-                                            "train_steps_total", "params_remaining", "ppl_after_prune",
-                                            "recovery_pct",
-                                            "node_id", "attempt", "resumed_after")},
+                                            "train_steps_total", "wall_s_total", "params_remaining",
+                                            "ppl_after_prune", "recovery_pct", "node_id", "attempt",
+                                            "resumed_after")},
             "path": result.path,
         }
         rows.append(row)

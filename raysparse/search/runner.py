@@ -30,6 +30,13 @@ from raysparse.trial.cache import start_coordinator
 logger = logging.getLogger(__name__)
 
 
+# Tune checkpoints kept per trial on storage (each holds the model's weights). Resuming needs
+# only the latest, but Tune forces an experiment-state snapshot after every `num_to_keep`
+# checkpoints of a trial (so a restored experiment names one that still exists): with one
+# kept, every iteration of every trial would force a snapshot, which Tune warns about.
+CHECKPOINTS_KEPT = 2
+
+
 def _connect(settings: SearchSettings) -> None:
     import ray
 
@@ -140,8 +147,8 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     if stats_dir is not None:
         coordinator = start_coordinator(stats_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(search_trainable, space=space, stats_cache=stats_dir,
-                             trials_root=None if remote else str(experiment), storage_uri=remote),
+        tune.with_parameters(search_trainable, space=space, experiment=remote or str(experiment),
+                             stats_cache=stats_dir),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial,
          **({settings.driver_resource: 1} if settings.driver_resource else {})},
     )
@@ -162,7 +169,8 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
                                         scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
             run_config=tune.RunConfig(
                 name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
         )
     grid = tuner.fit()
     study = _live_study(searcher)

@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from raysparse.cluster.storage import download_dir, join, mirror_dir
-from raysparse.search.attempts import finished_summary, last_attempt, record_attempt
+from raysparse.cluster.storage import delete_dir, join
+from raysparse.config import TrialConfig
+from raysparse.search.resume import finished_in, finished_on_storage, last_attempt, restore_into
 from raysparse.search.space import SearchSpace
+from raysparse.trial.checkpoint import checkpoint_of
 from raysparse.trial.runner import run_trial
+from raysparse.trial.state import RAY_TRAIN_DIR
+
+logger = logging.getLogger(__name__)
 
 
-def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
+def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """What each Tune report carries: the objective on every report (strict metric checking)."""
     return {
         "final_ppl": float(record["ppl_after_train"]),
@@ -20,7 +28,9 @@ def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
         "sparsity": float(record["sparsity"]),
         "sparsity_pct": int(math.floor(100 * record["sparsity"] + 1e-6)),
         "iteration": int(record["iteration"]),
-        "train_steps_total": int(steps_so_far),
+        # Summed over every start of the trial: a retried trial costs what it cost in all.
+        "train_steps_total": int(record.get("train_steps_total") or 0),
+        "wall_s_total": record.get("wall_s_total"),
         "recovery_pct": record.get("recovery_pct"),
         "params_remaining": record.get("params_remaining"),
         # The last schedule step finished the trial's work: if the scheduler stops it at this
@@ -30,51 +40,68 @@ def _trial_metrics(record: dict[str, Any], steps_so_far: int) -> dict[str, Any]:
     }
 
 
-def search_trainable(params: dict[str, Any], space: SearchSpace, stats_cache: str | None = None,
-                     trials_root: str | None = None, storage_uri: str | None = None) -> None:
-    """Tune function trainable: one raysparse trial, its output in `<trial folder>/trial`.
+def _final_metrics(summary: dict[str, Any], placement: dict[str, Any]) -> dict[str, Any]:
+    final = _trial_metrics(summary["history"][-1])
+    final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"], **placement)
+    if summary.get("wall_s_total") is not None:  # up to the summary, past the last iteration
+        final["wall_s_total"] = summary["wall_s_total"]
+    return final
 
-    With a filesystem storage path (`trials_root`, shared by every node in a multi-node
-    run) the output goes straight to the trial's folder there, not to Tune's node-local
-    staging folder (`get_trial_dir()`, synced only from the driver's node): a retry after
-    a node failure, on whichever node, then finds the per-iteration checkpoint (and the
-    per-epoch checkpoints of distributed recovery) and continues after the last finished
-    iteration instead of starting over. With object storage (`storage_uri`) the trial works
-    in the local folder and mirrors it to storage before every report, and a start on a
-    node that does not have the folder yet downloads what an earlier attempt uploaded.
+
+def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str,
+                     stats_cache: str | None = None) -> None:
+    """Tune function trainable: one raysparse trial, resumable through Tune's checkpoints.
+
+    The trial works in a node-local scratch folder; after every finished iteration it
+    reports that iteration's checkpoint (written there by `run_trial`) with `tune.report`,
+    and Tune copies it to the trial's folder on the search's storage (`experiment`, a path
+    or a URI). A retry, on whichever node, installs `tune.get_checkpoint()` locally and
+    continues after the iteration it holds. The final report carries the finished output
+    (summary.json, and model/ with `save`) as its checkpoint; a trial that had already
+    finished is replayed from that summary instead of run again. Distributed recovery keeps
+    its epoch checkpoints in `<trial folder>/ray_train` on storage, where a retry finds them.
     """
+    from ray import tune
+
+    name = Path(tune.get_context().get_trial_dir()).name  # the trial's folder name, here and on storage
+    # Not Tune's trial folder: on the driver's node the driver syncs that one to storage,
+    # which would upload the working checkpoints a second time (and leave them there).
+    output = Path(tempfile.gettempdir()) / "raysparse-trials" / name
+    shutil.rmtree(output, ignore_errors=True)  # resume from Tune's checkpoint, never a stale leftover
+    config = dataclasses.replace(space.sample_config(params), output=str(output), resume=True,
+                                 stats_cache=stats_cache, ray_train_storage=join(experiment, name, RAY_TRAIN_DIR))
+    try:
+        _run(config, output, join(experiment, name))
+    finally:
+        shutil.rmtree(output, ignore_errors=True)  # what is worth keeping went to storage with a report
+
+
+def _run(config: TrialConfig, output: Path, trial_uri: str) -> None:
     import ray
     from ray import tune
 
-    config = space.sample_config(params)
-    local_dir = Path(tune.get_context().get_trial_dir())
-    output = (Path(trials_root) / local_dir.name if trials_root else local_dir) / "trial"
-    remote_output = None
-    if storage_uri:
-        remote_output = join(storage_uri, local_dir.name, "trial")
-        if not output.exists():
-            download_dir(remote_output, output)
-    config = dataclasses.replace(config, output=str(output), resume=True, stats_cache=stats_cache)
-    steps = {"total": 0}
-    node: dict[str, Any] = {}
+    checkpoint = tune.get_checkpoint()
+    summary = finished_in(checkpoint, config) or finished_on_storage(trial_uri, config)
+    if summary is not None:  # finished before a driver kill: replay its reports, do not re-run
+        placement = last_attempt(summary)
+        for record in summary["history"]:
+            tune.report({**_trial_metrics(record), **placement})
+        tune.report(_final_metrics(summary, placement))
+        return
+    node_id = ray.get_runtime_context().get_node_id()
+    restored = restore_into(checkpoint, output)
+    # Placement and attempt (> 1: Tune retried it after a failure; resumed_after: from which iteration).
+    placement = {"attempt": len(restored.attempts) + 1 if restored else 1, "node_id": node_id,
+                 "resumed_after": restored.completed if restored else 0}
+    if restored is not None:
+        logger.info("trial %s: attempt %d on node %s, resuming after iteration %d", output.name,
+                    placement["attempt"], node_id[:12], restored.completed)
 
     def report(record: dict[str, Any]) -> None:
-        steps["total"] += int(record.get("steps") or 0)
-        if remote_output:
-            mirror_dir(output, remote_output)
-        tune.report({**_trial_metrics(record, steps["total"]), **node})
+        folder = checkpoint_of(output, int(record["iteration"]))  # None for the last iteration
+        tune.report({**_trial_metrics(record), **placement},
+                    checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
 
-    summary = finished_summary(output, config.to_dict())
-    if summary is not None:  # finished before a driver kill: replay its reports, do not re-run
-        node.update(last_attempt(output) or {})
-        for record in summary["history"]:
-            report(record)
-    else:
-        # Placement and attempt (> 1: Tune retried it after a failure; resumed_after: from which iteration).
-        node.update(record_attempt(output, ray.get_runtime_context().get_node_id()))
-        summary = run_trial(config, reporter=report).summary
-    if remote_output:
-        mirror_dir(output, remote_output)
-    final = _trial_metrics(summary["history"][-1], steps["total"])
-    final.update(ppl_dense=summary["ppl_dense"], completed=True, iterations=summary["iterations"], **node)
-    tune.report(final)
+    summary = run_trial(config, reporter=report, node_id=node_id).summary
+    tune.report(_final_metrics(summary, placement), checkpoint=tune.Checkpoint.from_directory(str(output)))
+    delete_dir(config.ray_train_storage)  # the epoch checkpoints of a finished trial are not needed again

@@ -20,6 +20,7 @@ from raysparse.trial.state import RAY_TRAIN_DIR
 
 
 def _train_settings(config: TrialConfig, device: torch.device):
+
     bf16 = config.bf16 in (True, "true") or (config.bf16 == "auto" and device.type == "cuda"
                                                and torch.cuda.is_bf16_supported())
     return TrainSettings(
@@ -35,6 +36,7 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
     config = ctx.config
     settings = _train_settings(config, ctx.device)
     if config.recovery == "lora":
+
         adapter_dir = Path(config.output) / "adapters" / f"iter_{iteration:03d}" if config.output else None
         outcome = train_lora(
             ctx.loaded.model, masks, ctx.train_windows, settings,
@@ -47,12 +49,15 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
         return {"train": outcome.train, "ppl_after_train": outcome.ppl_masked_merge,
                 "ppl_with_adapter": outcome.ppl_with_adapter, "adapter_dir": outcome.adapter_dir}
     if config.workers > 1:
-        storage = Path(config.output).resolve() / RAY_TRAIN_DIR if config.output else Path(tempfile.mkdtemp())
+
+        # A search puts these on its storage (possibly a URI), where a retry on another node finds them.
+        storage = config.ray_train_storage or (
+            str(Path(config.output).resolve() / RAY_TRAIN_DIR) if config.output else tempfile.mkdtemp())
         result = train_masked_distributed(
             ctx.loaded.model, masks, ctx.train_windows, settings,
             EvalSpec(ctx.eval_stream, ctx.settings.eval_seqlen, ctx.settings.eval_stride,
                      config.eval_batch_size, config.eval_max_windows),
-            workers=config.workers, storage_path=str(storage), run_name=f"recovery-iter{iteration:03d}",
+            workers=config.workers, storage_path=storage, run_name=f"recovery-iter{iteration:03d}",
             use_gpu=ctx.device.type == "cuda",
         )
         return {"train": result, "ppl_after_train": result.final_ppl, "workers": config.workers}

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,17 +25,10 @@ from raysparse.models.loading import LoadedModel
 from raysparse.paths import write_json_atomic
 from raysparse.sparsity.masks import Masks, masks_from_weights, measure_sparsity, verify_masks
 from raysparse.sparsity.schedule import sparsity_schedule
+from raysparse.trial.checkpoint import clear_checkpoints, load_trial_state, restore_checkpoint, save_checkpoint
 from raysparse.trial.context import _prepare
 from raysparse.trial.iteration import TrialFailed, run_iteration
-from raysparse.trial.state import (
-    CHECKPOINT_DIR,
-    RAY_TRAIN_DIR,
-    SUMMARY_FILE,
-    TrialState,
-    load_trial_state,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from raysparse.trial.state import RAY_TRAIN_DIR, SUMMARY_FILE, TrialState
 from raysparse.trial.statistics import dense_perplexity, layer_importance
 from raysparse.trial.summary import build_summary, write_outputs
 
@@ -54,12 +49,24 @@ class TrialResult:
 PruneResult = TrialResult
 
 
-def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None = None) -> TrialResult:
-    """Run one trial (one-shot or iterative, with or without recovery) and return its summary."""
+def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None = None, *,
+              node_id: str | None = None) -> TrialResult:
+    """Run one trial (one-shot or iterative, with or without recovery) and return its summary.
+
+    With an output folder, every finished iteration but the last is checkpointed there
+    *before* `reporter` hears of it, so a reporter may hand that folder on
+    (`checkpoint_of(output, record["iteration"])`; a search gives it to Ray Tune). Each start
+    appends to the attempt log in the checkpointed state (`node_id` says where it ran), and
+    each record carries the training steps and wall time summed over every start.
+    """
+    started = time.perf_counter()
     if not isinstance(config, TrialConfig):
         config = TrialConfig.from_dict(config)
     ctx = _prepare(config)
     output = Path(config.output) if config.output else None
+    # A caller that puts distributed recovery's epoch checkpoints elsewhere (a search: on its
+    # storage, for a retry on another node) owns them; otherwise they live in the output.
+    own_train_dir = output / RAY_TRAIN_DIR if output and not config.ray_train_storage else None
     state = load_trial_state(output, config) if output else None
     masks: Masks | None = None
     if state is not None:
@@ -67,8 +74,10 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
         ctx.timer = PhaseTimer(state.timings_s)
         logger.info("resuming %s after iteration %d of %d", output, state.completed, len(state.levels))
     else:
-        if output:  # a fresh start: epoch checkpoints of an earlier run must not be resumed
-            shutil.rmtree(output / RAY_TRAIN_DIR, ignore_errors=True)
+        if output:  # a fresh start: checkpoints of an earlier run must not be resumed
+            clear_checkpoints(output)
+            if own_train_dir is not None:
+                shutil.rmtree(own_train_dir, ignore_errors=True)
         with ctx.timer.phase("eval_dense"):
             ppl_dense = dense_perplexity(ctx)
         logger.info("dense perplexity %.4f", ppl_dense)
@@ -79,9 +88,16 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
         if config.pruning_strategy != "uniform":
             with ctx.timer.phase("importance"):
                 state.layer_importance = layer_importance(ctx)
+    state.attempts.append({"attempt": len(state.attempts) + 1, "node_id": node_id, "host": socket.gethostname(),
+                           "resumed_after": state.completed, "started": round(time.time(), 3)})
+    spent_before = state.wall_s_total  # by earlier starts, up to the checkpoint this one resumed
 
     for index in range(state.completed, len(state.levels)):
         record, masks = run_iteration(ctx, state, index, masks)
+        state.train_steps_total += int(record.get("steps") or 0)
+        state.wall_s_total = round(spent_before + time.perf_counter() - started, 3)
+        record.update(attempt=len(state.attempts), train_steps_total=state.train_steps_total,
+                      wall_s_total=state.wall_s_total)
         state.history.append(record)
         state.completed = index + 1
         state.timings_s = ctx.timer.seconds
@@ -92,14 +108,16 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
     if masks is None:  # nothing left to do (a resumed, finished trial)
         masks = masks_from_weights(ctx.loaded.adapter)
     verify_masks(ctx.loaded.model, masks)
+    state.wall_s_total = round(spent_before + time.perf_counter() - started, 3)
     summary = build_summary(ctx, state)
     if output:
         with ctx.timer.phase("save"):
             write_outputs(output, summary, ctx.loaded, masks, save_model=config.save)
         summary["timings_s"] = ctx.timer.seconds
         write_json_atomic(output / SUMMARY_FILE, summary)
-        for leftover in (CHECKPOINT_DIR, RAY_TRAIN_DIR):  # finished: the summary (and model/) remain
-            shutil.rmtree(output / leftover, ignore_errors=True)
+        clear_checkpoints(output)  # finished: the summary (and model/) remain
+        if own_train_dir is not None:
+            shutil.rmtree(own_train_dir, ignore_errors=True)
     return TrialResult(summary=summary, loaded=ctx.loaded, masks=masks)
 
 

@@ -54,6 +54,10 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
         "params_prunable": report.total_params,
         "params_zero": report.zero_params,
         "timings_s": ctx.timer.seconds,
+        # Summed over every start of the trial (a resumed run costs what it cost in all).
+        "train_steps_total": state.train_steps_total,
+        "wall_s_total": state.wall_s_total,
+        "attempts": state.attempts,
         "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
         "protocol": {
             "eval_data": resolve_source(settings.eval_data, "evaluation").describe(),

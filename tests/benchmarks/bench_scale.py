@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from loopback import read_json, start_cluster  # noqa: E402
+from loopback import start_cluster, trial_checkpointed_on  # noqa: E402
 
 SPACE = """
 fixed:
@@ -73,10 +73,7 @@ def run_variant(name: str, cpus: list[float], space: Path, storage: Path, num_sa
             victim = cluster.worker_node_ids[0]
             experiment = storage / name
             while proc.poll() is None:
-                ready = [p for p in experiment.glob("*/trial/attempts.json")
-                         if read_json(p).get("history", [{}])[-1].get("node_id") == victim
-                         and (p.parent / "checkpoint" / "state.json").is_file()]
-                if ready:
+                if trial_checkpointed_on(experiment, victim):
                     row["killed_after_s"] = round(time.perf_counter() - started, 1)
                     cluster.kill_node(victim)
                     break

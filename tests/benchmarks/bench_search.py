@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def trial_summaries(experiment: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in Path(experiment).glob("*/trial/summary.json")]
+    return [json.loads(p.read_text()) for p in Path(experiment).glob("*/checkpoint_*/summary.json")]
 
 
 def tune_trial_seconds(experiment: str) -> float:
