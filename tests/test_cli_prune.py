@@ -45,7 +45,7 @@ def test_prune_saves_a_reloadable_sparse_model(saved_model_dir, text_files, tmp_
     from raysparse.data.sources import resolve_source, token_stream
     from raysparse.metrics.perplexity import perplexity
 
-    stream = token_stream(AutoTokenizer.from_pretrained(out / "model"), resolve_source(str(text_files["eval"]), "evaluation"))
+    stream = token_stream(AutoTokenizer.from_pretrained(out / "model"), resolve_source(str(text_files["eval"]), "test"))
     assert perplexity(reloaded, stream, 32, progress=False).ppl == pytest.approx(summary["ppl_pruned"], rel=1e-5)
 
 

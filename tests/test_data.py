@@ -24,8 +24,8 @@ def test_jsonl_documents_are_joined_and_bad_records_named(tmp_path):
 
 
 def test_named_datasets_map_roles_to_the_papers_splits():
-    assert resolve_source("wikitext2", "evaluation").split == "test"
-    assert resolve_source("c4", "evaluation").split == "validation"
+    assert resolve_source("wikitext2", "test").split == "test"
+    assert resolve_source("c4", "test").split == "validation"
     assert resolve_source("c4", "calibration").split == "train"
 
 
@@ -33,7 +33,7 @@ def test_unreachable_hub_dataset_says_to_pass_a_local_file(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="pass a local file"):
-        load_text(resolve_source("ptb", "evaluation"))
+        load_text(resolve_source("ptb", "test"))
 
 
 def test_calibration_windows_are_seeded():
@@ -55,9 +55,9 @@ def test_token_stream_is_cached_per_tokenizer(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_text(SAMPLE_TEXT)
     tok = build_tokenizer()
-    first = token_stream(tok, resolve_source(str(path), "evaluation"))
+    first = token_stream(tok, resolve_source(str(path), "test"))
     assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 1
-    assert torch.equal(first, token_stream(tok, resolve_source(str(path), "evaluation")))
+    assert torch.equal(first, token_stream(tok, resolve_source(str(path), "test")))
     other = build_tokenizer(vocab_size=280)
-    token_stream(other, resolve_source(str(path), "evaluation"))
+    token_stream(other, resolve_source(str(path), "test"))
     assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2

@@ -185,7 +185,7 @@ def test_structured_trial_reports_sizes_latency_and_reloads_to_the_same_perplexi
 
     loaded = load_model(str(out / "model"), device="cpu")
     assert type(loaded.model).__name__ == "ShrunkLlamaForCausalLM"
-    stream = token_stream(loaded.tokenizer, resolve_source(str(text_files["eval"]), "evaluation"))
+    stream = token_stream(loaded.tokenizer, resolve_source(str(text_files["eval"]), "test"))
     assert perplexity(loaded.model, stream, 32, progress=False).ppl == pytest.approx(summary["ppl_final"], rel=1e-5)
 
 
@@ -303,7 +303,7 @@ def test_mha_families_prune_structurally_through_the_cli(family, saved_model_dir
     assert all(p["heads_after"] < p["heads_before"] for p in plans)  # 4 heads, ratio 0.3: one head goes
     assert all(p["groups_before"] == p["heads_before"] for p in plans)  # MHA: a group is one head
     loaded = load_model(str(out / "model"), device="cpu")
-    stream = token_stream(loaded.tokenizer, resolve_source(str(text_files["eval"]), "evaluation"))
+    stream = token_stream(loaded.tokenizer, resolve_source(str(text_files["eval"]), "test"))
     assert perplexity(loaded.model, stream, 32, progress=False).ppl == pytest.approx(summary["ppl_final"], rel=1e-5)
 
 

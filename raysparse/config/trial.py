@@ -61,7 +61,13 @@ class TrialConfig:
     magnitude_scope: str = setting("layer", "magnitude: rank weights within each layer or against one global threshold",
                                    choices=MAGNITUDE_SCOPES)
     calib_data: str | None = setting(None, f"calibration text: {_DATA}", shown="c4; pydoc for tiny")
-    eval_data: str | None = setting(None, f"evaluation text: {_DATA}", shown="wikitext2; pydoc for tiny")
+    eval_data: str | None = setting(None, f"test text, reported and never used for a decision: {_DATA}",
+                                    shown="wikitext2; pydoc for tiny")
+    val_data: str | None = setting(None, "validation text for every decision (kept epoch, early stopping, a "
+                                   f"search's choice): {_DATA}", shown="the validation split of the test "
+                                   "dataset; a test file needs one named")
+    report_test: bool = setting(True, "evaluate the test text (dense, pruned, final); a search turns it off "
+                                "in its trials and evaluates only the configurations it chose")
     nsamples: int = setting(128, "calibration windows", within=">= 1")
     seqlen: int | None = setting(None, "calibration window", within=">= 2", shown=_WINDOW)
     eval_seqlen: int | None = setting(None, "evaluation window", within=">= 2", shown=_WINDOW)
@@ -147,6 +153,11 @@ class TrialConfig:
             self.sparsity = str(self.sparsity)
 
     @property
+    def makes_decisions(self) -> bool:
+        """True when the trial chooses something by perplexity (the kept epoch, early stopping)."""
+        return self.recovery != "none" and (self.keep_best or self.early_stopping_patience is not None)
+
+    @property
     def pattern(self) -> SparsityPattern:
         return parse_sparsity(self.sparsity)
 
@@ -178,6 +189,9 @@ class TrialConfig:
             raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda or cuda:N")
         if self.save and not self.output:
             raise ConfigError("save is set but no output directory is given: add --output DIR")
+        if self.val_data is not None and self.eval_data is not None and _same_text(self.val_data, self.eval_data):
+            raise ConfigError(f"--val-data and --eval-data both name {self.eval_data}: validation text drives "
+                              "decisions and test text must stay unseen by them; give disjoint texts")
         self._validate_schedule_and_recovery()
         self._validate_structured()
         self._validate_allocation()
@@ -271,3 +285,11 @@ class TrialConfig:
 
 
 PruneConfig = TrialConfig  # the one-shot API name; same settings
+
+
+def _same_text(a: str, b: str) -> bool:
+    """The same named dataset or the same file (however the path is written)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

@@ -1,8 +1,12 @@
-"""Calibration and evaluation token streams, from hub datasets or local files.
+"""Calibration, validation and test token streams, from hub datasets or local files.
 
 Every dataset can come from a local file, because hub layouts drift and clusters are often
 offline: a path is always accepted where a dataset name is. Named datasets follow the
-papers' splits (calibration from the train split, evaluation from the test split). Text is
+papers' splits: calibration and training text from the train split, test text (reported,
+never used for a decision) from the test split, and validation text (every decision: the
+kept epoch, early stopping, the search) from the validation split, so selecting on it does
+not bias the reported number. For C4 both come from the validation shard, from disjoint
+documents (test: the papers' first 1100, validation: the next 1100). Text is
 tokenized once per (tokenizer, text) and cached as a tensor, since tokenizing WikiText-2 or
 C4 is slower than evaluating a small model.
 """
@@ -23,11 +27,12 @@ from raysparse.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["calibration", "evaluation"]
+Role = Literal["calibration", "validation", "test"]
 
 NAMED_DATASETS = ("wikitext2", "c4", "ptb", "pydoc")
 
-# How many C4 validation documents the SparseGPT/Wanda evaluation uses.
+# How many C4 validation documents the SparseGPT/Wanda evaluation uses (our test text);
+# the next as many are the validation text.
 _C4_EVAL_DOCS = 1100
 
 
@@ -44,9 +49,15 @@ class TextSource:
 
 
 def resolve_source(source: str, role: Role) -> TextSource:
-    """Turn a user's `--calib-data` / `--eval-data` value into a source, checking files exist."""
+    """Turn a user's `--calib-data` / `--val-data` / `--eval-data` value into a source, checking files exist."""
+    if role not in ("calibration", "validation", "test"):
+        raise ValueError(f"unknown data role {role!r}")
     if source in NAMED_DATASETS:
-        split = "train" if role == "calibration" else ("validation" if source == "c4" else "test")
+        split = {"calibration": "train", "validation": "validation", "test": "test"}[role]
+        if source == "c4" and role == "test":
+            split = "validation"  # the papers evaluate C4 on its validation shard
+        if source == "c4" and role == "validation":
+            split = "validation-heldout"
         return TextSource(source, split, is_file=False)
     path = Path(source).expanduser()
     if not path.is_file():
@@ -62,7 +73,7 @@ def load_text(source: TextSource) -> str:
     if source.is_file:
         return _read_local(Path(source.name))
     if source.name == "pydoc":
-        return pydoc_corpus_text("train" if source.split == "train" else "test")
+        return pydoc_corpus_text(source.split)
     return _load_hub_text(source)
 
 
@@ -121,12 +132,14 @@ def _load_hub_text(source: TextSource) -> str:
             "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
             split="validation",
         )
+        if source.split == "validation-heldout":
+            return " ".join(rows[_C4_EVAL_DOCS:2 * _C4_EVAL_DOCS]["text"])
         return " ".join(rows[:_C4_EVAL_DOCS]["text"])
     except Exception as exc:  # noqa: BLE001 - every hub failure gets the same fix
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
             f"cannot load dataset '{source.name}' ({source.split}) from the hub: {first_line}. "
-            "Download it once and pass a local file instead (--calib-data/--eval-data PATH)"
+            "Download it once and pass a local file instead (--calib-data/--val-data/--eval-data PATH)"
         ) from None
 
 

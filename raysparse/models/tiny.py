@@ -44,12 +44,12 @@ from raysparse.paths import cache_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-TINY_DIRNAME = "tiny-v1"
+TINY_DIRNAME = "tiny-v2"  # v2: validation split held out of pretraining, deduplicated held-out text
 
 TINY_INFO_FILE = "tiny_info.json"
 
 # Bump when the recipe changes in a way that makes old cached folders wrong.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 
 # Files that must exist for a cached folder to count as complete (info is written last).
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

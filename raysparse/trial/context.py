@@ -44,7 +44,7 @@ def _prepare(config: TrialConfig) -> TrialContext:
     check_output_dir(config.output)
     settings = resolve_settings(config)
     calib_source = resolve_source(settings.calib_data, "calibration")
-    eval_source = resolve_source(settings.eval_data, "evaluation")
+    eval_source = resolve_source(settings.eval_data, "test")
     train_source = resolve_source(settings.train_data, "calibration") if config.recovery != "none" else None
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysparse.config import DEFAULT_MAX_WINDOW, TrialConfig
+from raysparse.data.sources import NAMED_DATASETS
 from raysparse.errors import ConfigError
 from raysparse.models.adapters import adapter_class_for
 from raysparse.models.loading import load_config, resolve_model_path
@@ -18,7 +19,8 @@ class ResolvedSettings:
     """Settings that depend on the model (windows) or on the preset (default data)."""
 
     calib_data: str
-    eval_data: str
+    eval_data: str  # test text: reported only
+    val_data: str | None  # validation text: every decision; None only when the trial makes none
     train_data: str
     seqlen: int
     eval_seqlen: int
@@ -53,11 +55,20 @@ def resolve_settings(config: TrialConfig) -> ResolvedSettings:
         )
     is_tiny = config.model == TINY_PRESET_NAME
     calib_data = config.calib_data or ("pydoc" if is_tiny else "c4")
+    eval_data = config.eval_data or ("pydoc" if is_tiny else "wikitext2")
+    val_data = config.val_data or (eval_data if eval_data in NAMED_DATASETS else None)
+    if val_data is None and config.makes_decisions:
+        raise ConfigError(
+            f"--eval-data {eval_data} is test text, and nothing names validation text for the trial's decisions "
+            "(the kept epoch, early stopping): add --val-data PATH (text disjoint from the test file), "
+            "or --no-keep-best without --early-stopping-patience"
+        )
     eval_seqlen = config.eval_seqlen or default_window
     seqlen = config.seqlen or default_window
     return ResolvedSettings(
         calib_data=calib_data,
-        eval_data=config.eval_data or ("pydoc" if is_tiny else "wikitext2"),
+        eval_data=eval_data,
+        val_data=val_data,
         train_data=config.train_data or calib_data,
         seqlen=seqlen,
         eval_seqlen=eval_seqlen,

@@ -60,7 +60,7 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
         "attempts": state.attempts,
         "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
         "protocol": {
-            "eval_data": resolve_source(settings.eval_data, "evaluation").describe(),
+            "eval_data": resolve_source(settings.eval_data, "test").describe(),
             "eval_seqlen": settings.eval_seqlen,
             "eval_stride": settings.eval_stride,
             "eval_windows": len(window_starts(ctx.eval_stream.numel(), settings.eval_seqlen, settings.eval_stride,

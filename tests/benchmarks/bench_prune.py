@@ -108,7 +108,7 @@ def run_case(case: dict, method: str, sparsity: str, nsamples: int, eval_windows
     seqlen = config.seqlen or min(loaded.adapter.context_length(), 2048)
     calib = calibration_windows(token_stream(loaded.tokenizer, resolve_source(case["calib"], "calibration")),
                                 nsamples, seqlen, config.seed)
-    eval_stream = token_stream(loaded.tokenizer, resolve_source(case["eval"], "evaluation"))
+    eval_stream = token_stream(loaded.tokenizer, resolve_source(case["eval"], "test"))
     forward_s = time_forward(loaded.model, calib, config.calib_batch_size, device)
     model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     hidden = loaded.model.config.hidden_size if hasattr(loaded.model.config, "hidden_size") else loaded.model.config.n_embd
@@ -140,7 +140,7 @@ def run_case(case: dict, method: str, sparsity: str, nsamples: int, eval_windows
 def dense_ppl(case: dict, eval_windows: int) -> float:
     loaded = load_model(case["model"])
     seqlen = case["seqlen"] or min(loaded.adapter.context_length(), 2048)
-    stream = token_stream(loaded.tokenizer, resolve_source(case["eval"], "evaluation"))
+    stream = token_stream(loaded.tokenizer, resolve_source(case["eval"], "test"))
     return round(perplexity(loaded.model, stream, seqlen, max_windows=eval_windows, progress=False).ppl, 4)
 
 
