@@ -5,13 +5,15 @@ from typing import Any
 
 
 def format_prune_report(summary: dict[str, Any]) -> str:
+    val = summary["val"]
     lines = [
         f"model            {summary['model']} ({summary['family']})",
         f"method           {summary['method']}  pattern {summary['pattern']}  target {summary['sparsity_target']:.4f}",
-        f"ppl dense        {summary['ppl_dense']:.4f}",
-        f"ppl pruned       {_number(summary['ppl_pruned'])}",
-        f"ppl final        {summary['ppl_final']:.4f}  ({summary['ppl_change_pct']:+.2f}% vs unpruned)"
-        + (f"  best {summary['ppl_best']:.4f}" if summary.get("ppl_best") is not None else ""),
+        "perplexity       test (reported)  validation (decisions)",
+        f"  dense          {_number(summary['ppl_dense']):>15}  {_number(val['ppl_dense']):>22}",
+        f"  pruned         {_number(summary['ppl_pruned']):>15}  {_number(val['ppl_pruned']):>22}",
+        f"  final          {_number(summary['ppl_final']):>15}  {_number(val['ppl_final']):>22}"
+        f"  ({summary['ppl_change_pct']:+.2f}% vs unpruned)  best epoch {_number(val['ppl_best'])}",
         f"iterations       {summary['iterations']} ({summary['schedule']}, recovery {summary['recovery']})",
         *([] if summary.get("structured") else [
             f"sparsity         {summary['sparsity_measured']:.4f} measured from the weights "
@@ -34,8 +36,9 @@ def format_prune_report(summary: dict[str, Any]) -> str:
     train = (f"; train {protocol['train_data']} x{protocol['train_samples']} seqlen {protocol['train_seqlen']}"
              if protocol.get("train_data") else "")
     lines.append(
-        f"protocol         eval {protocol['eval_data']} window {protocol['eval_seqlen']} stride {protocol['eval_stride']}"
-        f" ({protocol['eval_windows']} windows); {calib}{train}; seed {protocol['seed']}, {protocol['dtype']}"
+        f"protocol         test {protocol['eval_data']} ({protocol['eval_windows']} windows), validation "
+        f"{protocol['val_data']} ({protocol['val_windows']} windows), window {protocol['eval_seqlen']} stride "
+        f"{protocol['eval_stride']}; {calib}{train}; seed {protocol['seed']}, {protocol['dtype']}"
     )
     if summary.get("saved_model"):
         lines.append(f"saved model      {summary['saved_model']}")

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 
 from raysparse.config import TrialConfig
+from raysparse.data.overlap import KGRAM, MAX_SHARED, shared_fraction
 from raysparse.data.sources import calibration_windows, resolve_source, token_stream
-from raysparse.metrics.perplexity import perplexity
+from raysparse.errors import DataError
+from raysparse.metrics.perplexity import perplexity, window_starts
 from raysparse.metrics.resources import PhaseTimer
 from raysparse.models.loading import LoadedModel, load_model, resolve_device
 from raysparse.trial.cache import StatsCache
@@ -23,7 +25,8 @@ class TrialContext:
     settings: ResolvedSettings
     loaded: LoadedModel
     device: torch.device
-    eval_stream: torch.Tensor
+    val_stream: torch.Tensor  # every decision; the test text only when the trial makes none
+    test_stream: torch.Tensor  # reported, never used for a decision
     calib: torch.Tensor | None
     importance_calib: torch.Tensor | None
     train_windows: torch.Tensor | None
@@ -32,8 +35,16 @@ class TrialContext:
     taylor_windows: torch.Tensor | None = None  # structured pruning's Taylor importance data
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
+        """Perplexity on the validation text: what every decision of the trial reads."""
+        return self._perplexity(self.val_stream, model, desc)
+
+    def evaluate_test(self, model: torch.nn.Module | None = None, desc: str = "test perplexity") -> float:
+        """Perplexity on the test text: reported, never compared to choose anything."""
+        return self._perplexity(self.test_stream, model, desc)
+
+    def _perplexity(self, stream: torch.Tensor, model: torch.nn.Module | None, desc: str) -> float:
         return perplexity(
-            model if model is not None else self.loaded.model, self.eval_stream, self.settings.eval_seqlen,
+            model if model is not None else self.loaded.model, stream, self.settings.eval_seqlen,
             self.settings.eval_stride, batch_size=self.config.eval_batch_size,
             max_windows=self.config.eval_max_windows, device=self.device, desc=desc,
         ).ppl
@@ -44,7 +55,8 @@ def _prepare(config: TrialConfig) -> TrialContext:
     check_output_dir(config.output)
     settings = resolve_settings(config)
     calib_source = resolve_source(settings.calib_data, "calibration")
-    eval_source = resolve_source(settings.eval_data, "test")
+    test_source = resolve_source(settings.eval_data, "test")
+    val_source = resolve_source(settings.val_data, "validation") if settings.val_data else None
     train_source = resolve_source(settings.train_data, "calibration") if config.recovery != "none" else None
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -53,7 +65,11 @@ def _prepare(config: TrialConfig) -> TrialContext:
         loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
         loaded.model.to(device)
     with timer.phase("data"):
-        eval_stream = token_stream(loaded.tokenizer, eval_source)
+        test_stream = token_stream(loaded.tokenizer, test_source)
+        val_stream = token_stream(loaded.tokenizer, val_source) if val_source is not None else test_stream
+        for role, source, stream in (("validation", val_source, val_stream), ("test", test_source, test_stream)):
+            if source is not None:
+                check_window_fits(stream, settings.eval_seqlen, settings.eval_stride, role, source.describe())
         calib = importance_calib = taylor_windows = None
         if config.is_structured:
             taylor_windows = calibration_windows(token_stream(loaded.tokenizer, calib_source), config.num_examples,
@@ -69,8 +85,31 @@ def _prepare(config: TrialConfig) -> TrialContext:
             # A different seed than calibration, so training does not just replay the calibration windows.
             train_windows = calibration_windows(token_stream(loaded.tokenizer, train_source), config.train_samples,
                                                 settings.train_seqlen, config.seed + 1)
+        others = [("validation", val_source, val_stream)] if val_source is not None else []
+        others.append(("calibration", calib_source, token_stream(loaded.tokenizer, calib_source)))
+        if train_source is not None:
+            others.append(("training", train_source, token_stream(loaded.tokenizer, train_source)))
+        check_disjoint(test_stream, test_source.describe(), others)
     cache = None
     if config.stats_cache:
         cache = StatsCache(config.stats_cache)
-    return TrialContext(config, settings, loaded, device, eval_stream, calib, importance_calib, train_windows,
-                        timer, cache, taylor_windows)
+    return TrialContext(config, settings, loaded, device, val_stream, test_stream, calib, importance_calib,
+                        train_windows, timer, cache, taylor_windows)
+
+
+def check_window_fits(stream: torch.Tensor, seqlen: int, stride: int, role: str, name: str) -> None:
+    """Refuse text too short for one evaluation window (its perplexity would be undefined)."""
+    if not window_starts(stream.numel(), seqlen, stride):
+        raise DataError(f"{role} text {name} has {stream.numel()} tokens, fewer than one evaluation window of "
+                        f"{seqlen}: give a longer text or a smaller --eval-seqlen")
+
+
+def check_disjoint(test: torch.Tensor, test_name: str, others: list[tuple[str, Any, torch.Tensor]]) -> None:
+    """Refuse validation, calibration or training text that already contains the test text."""
+    for role, source, stream in others:
+        shared = shared_fraction(stream, test)
+        if shared > MAX_SHARED:
+            raise DataError(
+                f"{100 * shared:.1f}% of the test text's {KGRAM}-token spans ({test_name}) also occur in the "
+                f"{role} text ({source.describe()}): the test number would not be held out; give disjoint texts"
+            )

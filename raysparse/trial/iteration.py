@@ -57,6 +57,8 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
         with ctx.timer.phase("eval_pruned"):
             ppl_after_prune = ctx.evaluate(desc=f"perplexity after pruning ({index + 1}/{len(state.levels)})")
             record["sample_after_prune"] = sample_generation(ctx)
+            if config.report_test and index + 1 == len(state.levels):  # the reported "pruned" number
+                record["test_ppl_after_prune"] = ctx.evaluate_test(desc="test perplexity after pruning")
     if config.recovery != "none":
         try:
             with ctx.timer.phase("recover"):
@@ -94,7 +96,7 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
 def sample_generation(ctx: TrialContext, prompt_tokens: int = 16, new_tokens: int = 24) -> dict[str, str]:
     """Greedy continuation of the start of the evaluation text: shows the model still generates."""
     model, tokenizer = ctx.loaded.model, ctx.loaded.tokenizer
-    prompt = ctx.eval_stream[:prompt_tokens].view(1, -1).to(ctx.device)
+    prompt = ctx.val_stream[:prompt_tokens].view(1, -1).to(ctx.device)
     new_tokens = max(1, min(new_tokens, ctx.settings.context_length - prompt.shape[1]))
     with torch.inference_mode():
         out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,

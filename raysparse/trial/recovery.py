@@ -55,7 +55,7 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
             str(Path(config.output).resolve() / RAY_TRAIN_DIR) if config.output else tempfile.mkdtemp())
         result = train_masked_distributed(
             ctx.loaded.model, masks, ctx.train_windows, settings,
-            EvalSpec(ctx.eval_stream, ctx.settings.eval_seqlen, ctx.settings.eval_stride,
+            EvalSpec(ctx.val_stream, ctx.settings.eval_seqlen, ctx.settings.eval_stride,
                      config.eval_batch_size, config.eval_max_windows),
             workers=config.workers, storage_path=storage, run_name=f"recovery-iter{iteration:03d}",
             use_gpu=ctx.device.type == "cuda",

@@ -29,7 +29,7 @@ from raysparse.trial.checkpoint import clear_checkpoints, load_trial_state, rest
 from raysparse.trial.context import _prepare
 from raysparse.trial.iteration import TrialFailed, run_iteration
 from raysparse.trial.state import RAY_TRAIN_DIR, SUMMARY_FILE, TrialState
-from raysparse.trial.statistics import dense_perplexity, layer_importance
+from raysparse.trial.statistics import dense_perplexity, dense_test_perplexity, layer_importance
 from raysparse.trial.summary import build_summary, write_outputs
 
 __all__ = ["PruneResult", "Reporter", "TrialFailed", "TrialResult", "prune_model", "run_trial"]
@@ -80,11 +80,13 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
                 shutil.rmtree(own_train_dir, ignore_errors=True)
         with ctx.timer.phase("eval_dense"):
             ppl_dense = dense_perplexity(ctx)
-        logger.info("dense perplexity %.4f", ppl_dense)
+            test_ppl_dense = dense_test_perplexity(ctx) if config.report_test else None
+        logger.info("dense perplexity %.4f (validation)", ppl_dense)
         start = measure_sparsity(ctx.loaded.adapter).overall
         levels = sparsity_schedule(config.schedule, config.target_ratio, config.prune_percentage,
                                    start, config.max_iterations)
-        state = TrialState(config=config.to_dict(), levels=levels, ppl_dense=ppl_dense, start_sparsity=start)
+        state = TrialState(config=config.to_dict(), levels=levels, ppl_dense=ppl_dense, start_sparsity=start,
+                           test_ppl_dense=test_ppl_dense)
         if config.pruning_strategy != "uniform":
             with ctx.timer.phase("importance"):
                 state.layer_importance = layer_importance(ctx)
@@ -108,8 +110,16 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
     if masks is None:  # nothing left to do (a resumed, finished trial)
         masks = masks_from_weights(ctx.loaded.adapter)
     verify_masks(ctx.loaded.model, masks)
+    test_ppl_final = None
+    if config.report_test:
+        last = state.history[-1] if state.history else {}
+        if config.recovery == "none" and last.get("test_ppl_after_prune") is not None:
+            test_ppl_final = last["test_ppl_after_prune"]  # nothing changed the model since
+        else:
+            with ctx.timer.phase("eval_test"):
+                test_ppl_final = ctx.evaluate_test(desc="test perplexity (final)")
     state.wall_s_total = round(spent_before + time.perf_counter() - started, 3)
-    summary = build_summary(ctx, state)
+    summary = build_summary(ctx, state, test_ppl_final)
     if output:
         with ctx.timer.phase("save"):
             write_outputs(output, summary, ctx.loaded, masks, save_model=config.save)

@@ -41,3 +41,4 @@ class TrialState:
     train_steps_total: int = 0  # optimizer steps of every finished iteration, whichever start ran it
     wall_s_total: float = 0.0  # wall time of the starts up to the work this state holds
     attempts: list[dict[str, Any]] = field(default_factory=list)  # one entry per start: node, resumed_after
+    test_ppl_dense: float | None = None  # the dense model on the test text (report_test), reported only

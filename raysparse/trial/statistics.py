@@ -24,11 +24,13 @@ def _calibration_data(ctx: TrialContext) -> str:
     return resolve_source(ctx.settings.calib_data, "calibration").describe()
 
 
-def dense_ppl_key(ctx: TrialContext) -> dict[str, Any]:
+def dense_ppl_key(ctx: TrialContext, role: str = "validation") -> dict[str, Any]:
     settings = ctx.settings
-    return {**_base_key(ctx, "dense_ppl"), "eval_data": settings.eval_data, "eval_seqlen": settings.eval_seqlen,
+    stream = ctx.test_stream if role == "test" else ctx.val_stream
+    data = settings.eval_data if role == "test" or settings.val_data is None else settings.val_data
+    return {**_base_key(ctx, "dense_ppl"), "role": role, "eval_data": data, "eval_seqlen": settings.eval_seqlen,
             "eval_stride": settings.eval_stride, "eval_max_windows": ctx.config.eval_max_windows,
-            "device": ctx.device.type, "eval_tokens": int(ctx.eval_stream.numel())}
+            "device": ctx.device.type, "eval_tokens": int(stream.numel())}
 
 
 def layer_importance_key(ctx: TrialContext) -> dict[str, Any]:
@@ -50,8 +52,13 @@ def _cached(ctx: TrialContext, key: dict[str, Any], compute: Callable[[], T]) ->
 
 
 def dense_perplexity(ctx: TrialContext) -> float:
-    """The unpruned model's perplexity: computed once per key across a search's trials."""
+    """The unpruned model's validation perplexity: computed once per key across a search's trials."""
     return _cached(ctx, dense_ppl_key(ctx), lambda: ctx.evaluate(desc="dense perplexity"))
+
+
+def dense_test_perplexity(ctx: TrialContext) -> float:
+    """The unpruned model's test perplexity (reported beside the pruned model's)."""
+    return _cached(ctx, dense_ppl_key(ctx, "test"), lambda: ctx.evaluate_test(desc="dense test perplexity"))
 
 
 def layer_importance(ctx: TrialContext) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from raysparse.trial.context import TrialContext
 from raysparse.trial.state import MODEL_DIR, SUMMARY_FILE, TrialState
 
 
-def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
+def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | None = None) -> dict[str, Any]:
+    """Top-level `ppl_*` are the test text's (the protocol numbers, None when not evaluated);
+    `val` holds the validation numbers every decision of the trial read."""
     config, settings, loaded = ctx.config, ctx.settings, ctx.loaded
     report = measure_sparsity(loaded.adapter)
     last = state.history[-1] if state.history else {}
@@ -28,6 +30,8 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
     # Best at the target: the final iteration's best epoch (with keep_best this is ppl_final).
     at_target = [e["ppl"] for e in last.get("epochs", []) if e.get("ppl") is not None] + [ppl_final]
     best_iteration = min(state.history, key=lambda h: h["ppl_after_train"], default=None)
+    test_pruned = last.get("test_ppl_after_prune") if state.history else state.test_ppl_dense
+    reference = (test_ppl_final, state.test_ppl_dense) if test_ppl_final is not None else (ppl_final, state.ppl_dense)
     summary: dict[str, Any] = {
         "status": "completed",
         "model": config.model,
@@ -40,14 +44,15 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
         "sparsity_target": config.target_ratio,
         "sparsity_measured": last["sparsity"] if config.is_structured and last else report.overall,
         "iterations": len(state.history),
-        "ppl_dense": state.ppl_dense,
-        "ppl_pruned": last.get("ppl_after_prune", state.ppl_dense),
+        "ppl_dense": state.test_ppl_dense,
+        "ppl_pruned": test_pruned,
+        "ppl_final": test_ppl_final,
+        "val": {"ppl_dense": state.ppl_dense, "ppl_pruned": last.get("ppl_after_prune", state.ppl_dense),
+                "ppl_final": ppl_final, "ppl_best": min(at_target)},
         "sample_after_prune": last.get("sample_after_prune"),
-        "ppl_final": ppl_final,
-        "ppl_best": min(at_target),
         "best_iteration": {k: best_iteration[k] for k in ("iteration", "sparsity", "ppl_after_train")}
         if best_iteration else None,
-        "ppl_change_pct": 100.0 * (ppl_final - state.ppl_dense) / state.ppl_dense,
+        "ppl_change_pct": 100.0 * (reference[0] - reference[1]) / reference[1],
         "history": state.history,
         "per_layer": report.to_dict()["per_layer"],
         "per_weight": report.per_weight,
@@ -61,10 +66,15 @@ def build_summary(ctx: TrialContext, state: TrialState) -> dict[str, Any]:
         "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
         "protocol": {
             "eval_data": resolve_source(settings.eval_data, "test").describe(),
+            "val_data": resolve_source(settings.val_data, "validation").describe() if settings.val_data
+            else "none (no decisions: per-iteration numbers are on the test text)",
+            "test_reported": config.report_test,
             "eval_seqlen": settings.eval_seqlen,
             "eval_stride": settings.eval_stride,
-            "eval_windows": len(window_starts(ctx.eval_stream.numel(), settings.eval_seqlen, settings.eval_stride,
+            "eval_windows": len(window_starts(ctx.test_stream.numel(), settings.eval_seqlen, settings.eval_stride,
                                               config.eval_max_windows)),
+            "val_windows": len(window_starts(ctx.val_stream.numel(), settings.eval_seqlen, settings.eval_stride,
+                                             config.eval_max_windows)),
             "calib_data": resolve_source(settings.calib_data, "calibration").describe()
             if ctx.calib is not None or ctx.taylor_windows is not None else None,
             "nsamples": config.nsamples if ctx.calib is not None else 0,
