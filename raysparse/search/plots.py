@@ -26,7 +26,7 @@ def write_plots(experiment: Path, histories: dict[str, list[dict[str, Any]]], ro
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for trial_id, history in histories.items():
-        points = [(h["sparsity"], h["final_ppl"]) for h in history if h.get("sparsity") is not None]
+        points = [(h["sparsity"], h["val_ppl"]) for h in history if h.get("sparsity") is not None]
         if points:
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", markersize=3, label=trial_id)
@@ -38,13 +38,13 @@ def write_plots(experiment: Path, histories: dict[str, list[dict[str, Any]]], ro
         ax.legend(fontsize=7)
     written.append(_save(fig, experiment / "ppl_vs_sparsity.png"))
 
-    finished = [r for r in rows if r.get("final_ppl") is not None]
+    finished = [r for r in rows if r.get("val_ppl") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"completed": "tab:blue", "stopped": "tab:orange", "error": "tab:red"}
     for index, row in enumerate(rows):
-        if row.get("final_ppl") is not None:
-            ax.scatter(index, row["final_ppl"], color=colors.get(row["status"], "gray"))
-    completed = [(i, r["final_ppl"]) for i, r in enumerate(rows) if r["status"] == "completed" and r.get("final_ppl")]
+        if row.get("val_ppl") is not None:
+            ax.scatter(index, row["val_ppl"], color=colors.get(row["status"], "gray"))
+    completed = [(i, r["val_ppl"]) for i, r in enumerate(rows) if r["status"] == "completed" and r.get("val_ppl")]
     if completed:
         best, xs, ys = float("inf"), [], []
         for i, value in completed:

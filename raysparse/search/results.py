@@ -49,7 +49,7 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             "status": _trial_status(result, target),
             "error": error_reason(result.error) if result.error else None,
             **{f"param_{k}": v for k, v in params.items()},
-            **{k: metrics.get(k) for k in ("final_ppl", "ppl_dense", "sparsity", "iteration",
+            **{k: metrics.get(k) for k in ("val_ppl", "val_ppl_dense", "sparsity", "iteration",
                                             "train_steps_total", "wall_s_total", "params_remaining",
                                             "ppl_after_prune", "recovery_pct", "node_id", "attempt",
                                             "resumed_after")},
@@ -58,14 +58,11 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
         rows.append(row)
         frame = result.metrics_dataframe
         if frame is not None and "sparsity" in frame:
-            histories[row["trial_id"]] = frame[["sparsity", "final_ppl"]].dropna().to_dict("records")
-    columns = sorted({k for row in rows for k in row}, key=lambda k: (not k.startswith(("trial", "status")), k))
-    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
-    pq.write_table(table, experiment / RESULTS_PARQUET)
-    pacsv.write_csv(table, experiment / RESULTS_CSV)
+            histories[row["trial_id"]] = frame[["sparsity", "val_ppl"]].dropna().to_dict("records")
+    write_tables(rows, experiment)
 
-    completed = [r for r in rows if r["status"] == "completed" and r["final_ppl"] is not None]
-    best = min(completed, key=lambda r: r["final_ppl"]) if completed else None
+    completed = [r for r in rows if r["status"] == "completed" and r["val_ppl"] is not None]
+    best = min(completed, key=lambda r: r["val_ppl"]) if completed else None
     pareto = pareto_front(completed, metrics_names) if len(metrics_names) > 1 else None
     best_config_path = None
     if best is not None:
@@ -80,6 +77,14 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
     return {"experiment": str(experiment), "rows": rows, "best": best, "pareto": pareto,
             "best_config": str(best_config_path) if best_config_path else None, "plots": plots,
             "optuna_storage": study_url, "pareto_metrics": metrics_names}
+
+
+def write_tables(rows: list[dict[str, Any]], experiment: Path) -> None:
+    """results.csv and results.parquet: one row per trial, trial id and status first."""
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (not k.startswith(("trial", "status")), k))
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    pq.write_table(table, experiment / RESULTS_PARQUET)
+    pacsv.write_csv(table, experiment / RESULTS_CSV)
 
 
 def error_reason(error: BaseException) -> str:
@@ -97,23 +102,30 @@ def pareto_front(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[st
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{'trial':<16} {'status':<10} {'final_ppl':>10} {'sparsity':>8}  params  "
-             "(stopped = cut early at a sparsity milestone; its ppl is at that sparsity)"]
+    lines = [f"{'trial':<16} {'status':<10} {'val_ppl':>10} {'sparsity':>8}  params  "
+             "(validation perplexity, what the search decides on; stopped = cut early at a sparsity "
+             "milestone, its ppl is at that sparsity)"]
     order = {"completed": 0, "stopped": 1, "error": 2}  # a stopped trial's ppl is at a lower sparsity
-    for row in sorted(report["rows"], key=lambda r: (order.get(r["status"], 3), r["final_ppl"] is None,
-                                                     r["final_ppl"] or 0)):
+    for row in sorted(report["rows"], key=lambda r: (order.get(r["status"], 3), r["val_ppl"] is None,
+                                                     r["val_ppl"] or 0)):
         params = " ".join(f"{k[6:]}={_fmt(v)}" for k, v in row.items() if k.startswith("param_"))
-        ppl = f"{row['final_ppl']:.4f}" if row["final_ppl"] is not None else "-"
+        ppl = f"{row['val_ppl']:.4f}" if row["val_ppl"] is not None else "-"
         sparsity = f"{row['sparsity']:.4f}" if row["sparsity"] is not None else "-"
         lines.append(f"{row['trial_id']:<16} {row['status']:<10} {ppl:>10} {sparsity:>8}  {params}"
                      + (f"  error: {row['error']}" if row["error"] else ""))
     if report["best"]:
-        lines.append(f"best: {report['best']['trial_id']} final_ppl {report['best']['final_ppl']:.4f}")
+        lines.append(f"best (chosen on validation): {report['best']['trial_id']} val_ppl {report['best']['val_ppl']:.4f}")
+        for entry in report.get("final_eval") or []:
+            runs = entry["runs"]
+            spread = f" ± {entry['test_ppl_std']:.4f} (std over {len(runs)} calibration seeds)" \
+                if entry.get("test_ppl_std") is not None else " (1 seed; --final-seeds K for the spread)"
+            lines.append(f"test ppl (reported, never used to choose): {entry['trial_id']} "
+                         f"{entry['test_ppl_mean']:.4f}{spread}; dense {runs[0]['test_ppl_dense']:.4f}")
         lines.append(f"best config: {report['best_config']}  (re-run: python launch/prune.py --config {report['best_config']})")
     else:
         lines.append("no trial completed")
     if report.get("pareto"):
-        names = report.get("pareto_metrics") or ["final_ppl", "train_steps_total"]
+        names = report.get("pareto_metrics") or ["val_ppl", "train_steps_total"]
         lines.append(f"pareto set ({' vs '.join(names)}): " + ", ".join(
             f"{r['trial_id']} (" + ", ".join(_fmt(r[name]) for name in names) + ")" for r in report["pareto"]))
     lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}"

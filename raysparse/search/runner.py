@@ -18,7 +18,9 @@ from typing import Any
 
 from raysparse.cluster.preflight import check_address_reachable, check_shared_storage
 from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
+from raysparse.data.sources import NAMED_DATASETS
 from raysparse.errors import ConfigError
+from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
 from raysparse.search.searcher import _make_scheduler, _make_searcher
 from raysparse.search.settings import SEARCH_STATE_FILE, SearchSettings
@@ -130,6 +132,7 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     else:
         settings.validate()
         space = load_space(settings.space)
+        check_validation_source(space)
         name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
         root = _storage_root(settings)
         if is_uri(root):
@@ -175,6 +178,7 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     grid = tuner.fit()
     study = _live_study(searcher)
     report = summarise_results(grid, space, settings, experiment, study)
+    report["final_eval"] = evaluate_chosen(report, space, settings, experiment, stats_dir)
     if remote:
         upload_dir(experiment, remote)
         report.update(experiment=remote, local_copy=str(experiment))
@@ -184,6 +188,22 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
 
         report["cache"] = ray.get(coordinator.get_stats.remote())
     return report
+
+
+def check_validation_source(space: SearchSpace) -> None:
+    """A search decides on validation text: refuse a test file with no validation text named."""
+    def values(key: str) -> list[Any]:
+        if key in space.params:
+            spec = space.params[key]
+            return list(spec.choices) if spec.kind == "choice" else [None]
+        return [space.fixed.get(key)]
+
+    files = [v for v in values("eval_data") if v is not None and v not in NAMED_DATASETS]
+    if files and all(v is None for v in values("val_data")):
+        raise ConfigError(
+            f"{space.source}: eval_data {files[0]} is test text and the space names no val_data: a search "
+            "decides on validation text only; add val_data: PATH (text disjoint from the test file) under fixed:"
+        )
 
 
 def _stats_cache_dir(experiment: Path) -> str:

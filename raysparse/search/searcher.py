@@ -4,18 +4,36 @@ from __future__ import annotations
 from raysparse.search.settings import OBJECTIVES, SearchSettings
 from raysparse.search.space import SearchSpace
 
+# The step at which trials are compared, by ASHA and by Optuna alike: the planned sparsity
+# level of the report, in whole percent.
+MILESTONE = "sparsity_pct"
+
 
 def milestone_optuna_search_class():
-    """OptunaSearch that tells Optuna a trial stopped early at a milestone was PRUNED.
+    """OptunaSearch that ranks trials at sparsity milestones, as ASHA does.
 
-    Tune reports an ASHA-stopped trial as complete with its partial value, which misleads
-    TPE into treating a 55%-sparse perplexity as a final one. This override touches
-    OptunaSearch's private `_ot_trials`/`_ot_study`/`_completed_trials` (pinned by a test).
+    Two departures from OptunaSearch, both needed for a fair search over schedules:
+    - Intermediate values reach Optuna at step = the sparsity milestone (`sparsity_pct`, the
+      step ASHA compares trials at), not at Tune's `training_iteration`. TPE ranks a PRUNED
+      trial by its deepest step first, so with iteration steps a trial with a small prune
+      percentage (many iterations) looked better just for being slow.
+    - Tune reports an ASHA-stopped trial as complete with its partial value, which misleads
+      TPE into treating a 55%-sparse perplexity as a final one: it is told PRUNED instead.
+    Both touch OptunaSearch's private `_ot_trials`/`_ot_study`/`_completed_trials` (pinned by
+    a test against the installed Ray and Optuna).
     """
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     class MilestoneOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if isinstance(self.metric, list) or trial_id in self._completed_trials:
+                return  # Optuna keeps no intermediate values for several objectives
+            trial = self._ot_trials[trial_id]
+            step = int(result[MILESTONE])
+            if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:
+                trial.report(result[self.metric], step)
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if result and not error and not result.get("completed") and trial_id not in self._completed_trials:
                 self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
@@ -24,6 +42,15 @@ def milestone_optuna_search_class():
             super().on_trial_complete(trial_id, result, error)
 
     return MilestoneOptunaSearch
+
+
+def startup_trials(settings: SearchSettings) -> int:
+    """Random trials before TPE models the results. Optuna's default (10) is more than a small
+    search runs, and TPE's start-up draws are its own seeded RandomSampler's: with 8 trials
+    TPE *was* random search, trial for trial."""
+    if settings.startup_trials is not None:
+        return settings.startup_trials
+    return max(2, min(10, settings.num_samples // 3))
 
 
 def _make_searcher(space: SearchSpace, settings: SearchSettings):
@@ -35,10 +62,16 @@ def _make_searcher(space: SearchSpace, settings: SearchSettings):
     metrics, modes = OBJECTIVES[settings.objective]
     if settings.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    elif settings.searcher == "qmc":
+        sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=settings.seed)
     elif len(metrics) > 1:
         sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+        # group=True: conditional parameters (lora_r only when recovery is lora) are modelled
+        # jointly within the subspace where they are active, not sampled independently.
+        conditional = any(spec.when for spec in space.params.values())
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional,
+                                             n_startup_trials=startup_trials(settings))
     searcher = OptunaSearch(
         space=space.optuna_define_by_run(), metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
@@ -53,5 +86,5 @@ def _make_scheduler(settings: SearchSettings):
     if not settings.early_stopping or len(metrics) > 1:
         return FIFOScheduler()
     # max_t above any sparsity_pct: ASHA must never cut a trial for "running out of time".
-    return ASHAScheduler(time_attr="sparsity_pct", metric=metrics[0], mode=modes[0], max_t=101,
+    return ASHAScheduler(time_attr=MILESTONE, metric=metrics[0], mode=modes[0], max_t=101,
                          grace_period=settings.grace_sparsity_pct, reduction_factor=2)

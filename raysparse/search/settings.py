@@ -20,9 +20,9 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default
 
 # Objective name -> (metrics, modes). The first is single-objective (ASHA applies).
 OBJECTIVES: dict[str, tuple[list[str], list[str]]] = {
-    "final_ppl": (["final_ppl"], ["min"]),
-    "ppl_vs_compute": (["final_ppl", "train_steps_total"], ["min", "min"]),
-    "ppl_vs_params": (["final_ppl", "params_remaining"], ["min", "min"]),
+    "final_ppl": (["val_ppl"], ["min"]),
+    "ppl_vs_compute": (["val_ppl", "train_steps_total"], ["min", "min"]),
+    "ppl_vs_params": (["val_ppl", "params_remaining"], ["min", "min"]),
 }
 
 
@@ -34,8 +34,9 @@ class SearchSettings:
     --help lines, and the simple checks in validate(), follow from the fields.
     """
 
-    objective: str = setting("final_ppl", "final_ppl: min perplexity at the target; ppl_vs_compute / ppl_vs_params: "
-                             "Pareto set of perplexity vs training steps / parameters left", choices=tuple(OBJECTIVES))
+    objective: str = setting("final_ppl", "final_ppl: min validation perplexity at the target; ppl_vs_compute / "
+                             "ppl_vs_params: Pareto set of validation perplexity vs training steps / parameters "
+                             "left", choices=tuple(OBJECTIVES))
     space: str = setting(str(DEFAULT_SPACE), "search space YAML (see search_spaces/)",
                          shown="search_spaces/default.yaml")
     num_samples: int = setting(8, "trials to run", within=">= 1")
@@ -51,8 +52,13 @@ class SearchSettings:
     early_stopping: bool = setting(True, "ASHA stops weak trials at sparsity milestones "
                                    "(--no-early-stopping: every trial runs to the end)")
     grace_sparsity_pct: int = setting(20, "first ASHA milestone, in percent sparsity")
-    searcher: str = setting("optuna", "optuna (TPE, NSGA-II for two objectives) or random (the baseline a "
-                            "model-based search must beat)", choices=("optuna", "random"))
+    searcher: str = setting("optuna", "optuna (TPE, NSGA-II for two objectives), random (the baseline a "
+                            "model-based search must beat) or qmc (a scrambled Sobol design)",
+                            choices=("optuna", "random", "qmc"))
+    startup_trials: int | None = setting(None, "random trials TPE draws before it models the results",
+                                         within=">= 1", shown="a third of --num-samples, 2 to 10")
+    final_seeds: int = setting(1, "re-run the chosen configuration(s) with this many calibration seeds and "
+                               "report their test perplexity (mean and spread)", within=">= 1")
     # A custom resource each trial (its Train driver) also holds, e.g. "driver", which
     # cluster.yaml gives only the head node: trials then never sit on spot GPU workers.
     driver_resource: str | None = setting(None, "custom resource each trial also holds (1 unit), e.g. driver: keeps "
