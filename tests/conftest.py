@@ -14,6 +14,16 @@ SAMPLE_TEXT = (
     "recovery fine-tuning wins accuracy back. Perplexity is the exponential of the mean "
     "negative log-likelihood of the next token. "
 ) * 40
+# Validation and test text: other sentences, so neither shares a 64-token span with the
+# calibration text or with each other (a trial refuses test text its other texts contain).
+VAL_TEXT = (
+    "Layer importance ranks the decoder layers by how much the loss grows without them; "
+    "the allocation prunes important layers less and keeps the overall sparsity. "
+) * 30
+TEST_TEXT = (
+    "A sparse network keeps few weights, and a mask marks which ones stay zero after every "
+    "optimizer step, so the measured sparsity never drifts while the model trains. "
+) * 30
 
 
 def build_tokenizer(text: str = SAMPLE_TEXT, vocab_size: int = 300):
@@ -76,9 +86,11 @@ def saved_model_dir(tmp_path_factory):
 def text_files(tmp_path) -> dict[str, Path]:
     calib = tmp_path / "calib.txt"
     calib.write_text(SAMPLE_TEXT, encoding="utf-8")
+    validation = tmp_path / "val.txt"
+    validation.write_text(VAL_TEXT, encoding="utf-8")
     evaluation = tmp_path / "eval.txt"
-    evaluation.write_text(SAMPLE_TEXT[::-1] + SAMPLE_TEXT, encoding="utf-8")
-    return {"calib": calib, "eval": evaluation}
+    evaluation.write_text(TEST_TEXT, encoding="utf-8")
+    return {"calib": calib, "val": validation, "eval": evaluation}
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def common_args(model_dir, text_files):
     return ["--model", str(model_dir), "--calib-data", str(text_files["calib"]),
-            "--eval-data", str(text_files["eval"]), "--nsamples", "4", "--seqlen", "32",
+            "--eval-data", str(text_files["eval"]), "--val-data", str(text_files["val"]), "--nsamples", "4", "--seqlen", "32",
             "--eval-seqlen", "32", "-q"]
 
 
@@ -54,7 +54,7 @@ def test_same_config_and_seed_reproduce_the_perplexity(saved_model_dir, text_fil
 
     model_dir = saved_model_dir("opt")
     values = dict(model=str(model_dir), method="wanda", sparsity="0.5", calib_data=str(text_files["calib"]),
-                  eval_data=str(text_files["eval"]), nsamples=4, seqlen=32, eval_seqlen=32)
+                  eval_data=str(text_files["eval"]), val_data=str(text_files["val"]), nsamples=4, seqlen=32, eval_seqlen=32)
     first = prune_model(PruneConfig(**values)).summary
     second = prune_model(values).summary  # a plain dict works too
     assert first["ppl_pruned"] == pytest.approx(second["ppl_pruned"], rel=1e-6)

@@ -183,7 +183,7 @@ def test_trial_with_two_workers_keeps_sparsity_and_cleans_up(ray_cluster, saved_
 
     config = TrialConfig(model=str(saved_model_dir()), method="magnitude", sparsity="0.5", recovery="masked",
                          lr=1e-3, batch_size=4, train_samples=8, calib_data=str(text_files["calib"]),
-                         eval_data=str(text_files["eval"]), train_data=str(text_files["calib"]), seqlen=32,
+                         eval_data=str(text_files["eval"]), val_data=str(text_files["val"]), train_data=str(text_files["calib"]), seqlen=32,
                          eval_seqlen=32, eval_max_windows=4, workers=2, output=str(tmp_path / "trial"))
     result = run_trial(config)
     verify_masks(result.loaded.model, result.masks)

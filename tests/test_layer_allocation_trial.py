@@ -11,7 +11,7 @@ from raysparse.trial.runner import run_trial
 def config(model_dir, text_files, tmp_path, **overrides):
     values = dict(model=str(model_dir), method="wanda", sparsity="0.5", pruning_strategy="inverse", alpha=2.0,
                   min_pruning_rate=0.2, max_pruning_rate=0.8, importance_samples=4, nsamples=4,
-                  calib_data=str(text_files["calib"]), eval_data=str(text_files["eval"]), seqlen=32,
+                  calib_data=str(text_files["calib"]), eval_data=str(text_files["eval"]), val_data=str(text_files["val"]), seqlen=32,
                   eval_seqlen=32, eval_max_windows=4, output=str(tmp_path / "out"))
     values.update(overrides)
     return TrialConfig(**values)

@@ -73,7 +73,7 @@ def test_nan_loss_stops_training():
 def small_trial(model_dir, text_files, tmp_path, **overrides):
     values = dict(model=str(model_dir), method="magnitude", sparsity="0.6", schedule="iterative",
                   prune_percentage=0.3, recovery="masked", lr=1e-3, batch_size=4, train_samples=8,
-                  epochs_per_iteration=1, calib_data=str(text_files["calib"]), eval_data=str(text_files["eval"]),
+                  epochs_per_iteration=1, calib_data=str(text_files["calib"]), eval_data=str(text_files["eval"]), val_data=str(text_files["val"]),
                   train_data=str(text_files["calib"]), seqlen=32, eval_seqlen=32, eval_max_windows=8,
                   output=str(tmp_path / "trial"))
     values.update(overrides)

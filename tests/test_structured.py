@@ -152,7 +152,7 @@ def test_saved_shrunk_model_reloads_with_from_pretrained(family, tmp_path):
 
 def cli_args(model_dir, text_files, out):
     return ["--model", str(model_dir), "--calib-data", str(text_files["calib"]), "--eval-data",
-            str(text_files["eval"]), "--seqlen", "32", "--eval-seqlen", "32", "--method", "structured",
+            str(text_files["eval"]), "--val-data", str(text_files["val"]), "--seqlen", "32", "--eval-seqlen", "32", "--method", "structured",
             "--num-examples", "4", "--max-seq-len", "32", "--output", str(out), "-q"]
 
 
@@ -239,7 +239,7 @@ def test_taylor_scores_are_computed_once_per_key_through_the_stats_cache(saved_m
 
     model_dir = saved_model_dir("llama")
     base = dict(model=str(model_dir), method="structured", calib_data=str(text_files["calib"]),
-                eval_data=str(text_files["eval"]), seqlen=32, eval_seqlen=32, num_examples=4, max_seq_len=32,
+                eval_data=str(text_files["eval"]), val_data=str(text_files["val"]), seqlen=32, eval_seqlen=32, num_examples=4, max_seq_len=32,
                 stats_cache=str(tmp_path / "cache"))
     first = run_trial(dict(base, pruning_ratio=0.2)).summary
     second = run_trial(dict(base, pruning_ratio=0.4)).summary  # another ratio, same dense-model scores
