@@ -122,7 +122,8 @@ class TrialConfig:
     workers: int = setting(1, "Ray Train FSDP workers for masked recovery (1 = in-process)", within=">= 1",
                            group=RECOVERY)
     resume: bool = setting(True, "continue from a checkpoint of this trial in --output (--no-resume: start over)")
-    stats_cache: str | None = setting(None, "folder of shared dense-model statistics (a search sets it)")
+    stats_cache: str | None = setting(None, "folder or URI (s3://, gs://, file://) of cached dense-model statistics "
+                                      "and pruning results, shared with searches (a search sets it)")
     ray_train_storage: str | None = setting(None, "where distributed recovery keeps its epoch checkpoints (a search sets it)")
     pruning_strategy: str = setting("uniform", "inverse: important layers pruned less; proportional: pruned more",
                                     choices=("uniform", "inverse", "proportional"), group=RATIOS)

@@ -131,14 +131,30 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"results: {report['experiment']}/{RESULTS_CSV} and {RESULTS_PARQUET}"
                  + (f" (local copy: {report['local_copy']})" if report.get("local_copy") else ""))
     if report.get("cache"):
-        cache = report["cache"]
-        lines.append(f"stats cache: {cache['hits']} hits, {cache['misses']} computed, "
-                     f"{cache['saved_s']:.1f}s saved")
+        lines.extend(format_cache(report["cache"]))
     if report.get("plots"):
         lines.append("plots: " + ", ".join(Path(p).name for p in report["plots"]))
     if report.get("optuna_storage"):
         lines.append(f"optuna study: optuna-dashboard {report['optuna_storage']}")
     return "\n".join(lines)
+
+
+def format_cache(cache: dict[str, Any]) -> list[str]:
+    """Per kind: computed vs served and the seconds saved; then what the object store held."""
+    lines = [f"cache: {cache['misses']} computed, {cache['hits']} served, {cache['saved_s']:.1f}s saved "
+             f"(storage {cache.get('storage')})"]
+    for kind, stats in (cache.get("by_kind") or {}).items():
+        lines.append(f"  {kind:<17} computed {stats['computed']:>3} ({stats['compute_s']:.1f}s)  served "
+                     f"{stats['served']:>3} ({stats['read_from_storage']} read from storage)  saved "
+                     f"{stats['saved_s']:.1f}s" + (f"  rejected {stats['rejected']}" if stats.get("rejected") else ""))
+    memory = cache.get("memory")
+    if memory:
+        lines.append(f"  object store: {memory['peak_bytes'] / 2**20:.1f} MiB at peak of a "
+                     f"{memory['limit_bytes'] / 2**20:.0f} MiB cap (--cache-memory), {memory['evicted']} evicted, "
+                     f"{memory['not_held']} too large to hold")
+    if cache.get("leases_expired"):
+        lines.append(f"  {cache['leases_expired']} claim(s) of trials that died were released and computed again")
+    return lines
 
 
 def _fmt(value: Any) -> str:

@@ -27,7 +27,7 @@ from raysparse.search.settings import SEARCH_STATE_FILE, SearchSettings
 from raysparse.search.space import SearchSpace
 from raysparse.search.space_file import load_space, parse_space
 from raysparse.search.trainable import search_trainable
-from raysparse.trial.cache import start_coordinator
+from raysparse.trial.cache import start_coordinator, stop_coordinator
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,6 @@ def _storage_root(settings: SearchSettings) -> str:
 
 def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str, Any]:
     """Run (or resume) a search; write the results table and the best config; return a report."""
-    from ray import tune
-
     remote: str | None = None  # the experiment's URI when --storage is object storage
     if resume:
         if is_uri(resume):
@@ -145,10 +143,23 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     if remote is None:
         check_shared_storage(str(experiment.parent))
 
-    stats_dir = None if remote else _stats_cache_dir(experiment)
-    coordinator = None
-    if stats_dir is not None:
-        coordinator = start_coordinator(stats_dir)
+    import ray
+
+    stats_dir = _stats_cache_location(remote, experiment)
+    coordinator = start_coordinator(stats_dir, memory_bytes=settings.cache_memory << 20)
+    try:
+        report = _run_tuner(settings, space, experiment, remote, resume, stats_dir)
+        report["cache"] = ray.get(coordinator.get_stats.remote())
+    finally:  # its values leave the object store; storage keeps them for the next search
+        stop_coordinator(coordinator, stats_dir)
+    return report
+
+
+def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, remote: str | None,
+               resume: str | None, stats_dir: str) -> dict[str, Any]:
+    """Run (or restore) the Tuner, summarise it, evaluate the chosen configurations."""
+    from ray import tune
+
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space, experiment=remote or str(experiment),
                              stats_cache=stats_dir),
@@ -183,10 +194,6 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         upload_dir(experiment, remote)
         report.update(experiment=remote, local_copy=str(experiment))
     report["wall_s"] = round(time.perf_counter() - started, 2)
-    if coordinator is not None:
-        import ray
-
-        report["cache"] = ray.get(coordinator.get_stats.remote())
     return report
 
 
@@ -206,13 +213,13 @@ def check_validation_source(space: SearchSpace) -> None:
         )
 
 
-def _stats_cache_dir(experiment: Path) -> str:
-    """Shared statistics live beside the experiments, so later searches reuse them too.
-
-    Only on a filesystem storage path: the cache's values are files every trial reads, so
-    with object storage (nothing shared to read from) each trial computes its own.
+def _stats_cache_location(remote: str | None, experiment: Path) -> str:
+    """Cached values live beside the experiments on the search's storage (a folder or a URI),
+    so a resumed search and later searches reuse them. Trials never read this location: the
+    coordinator (on the driver's node) reads and writes it and serves values through the
+    object store, so a cluster needs no shared filesystem for the cache.
     """
-    return str(experiment.parent / "stats_cache")
+    return join(remote.rsplit("/", 1)[0], "stats_cache") if remote else str(experiment.parent / "stats_cache")
 
 
 def _local_mirror(remote: str) -> Path:

@@ -64,6 +64,9 @@ class SearchSettings:
     driver_resource: str | None = setting(None, "custom resource each trial also holds (1 unit), e.g. driver: keeps "
                                           "trials and their Train drivers on the nodes that offer it (cluster.yaml: "
                                           "the head)")
+    cache_memory: int = setting(1024, "MiB of cached statistics and pruning results the object store holds at "
+                                "most; least recently used entries leave memory and are read back from storage",
+                                within=">= 0")
     extra: dict[str, Any] = setting(factory=dict, help="free-form values recorded with the search's settings",
                                     cli=False)
 

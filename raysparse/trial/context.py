@@ -1,7 +1,7 @@
 """Everything the steps of a trial share: model, data streams, device, timer, statistics cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ class TrialContext:
     timer: PhaseTimer
     cache: Any = None  # a StatsCache when the trial runs inside a search
     taylor_windows: torch.Tensor | None = None  # structured pruning's Taylor importance data
+    fingerprints: dict[str, str] = field(default_factory=dict)  # content digests of model and data (cache keys)
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
         """Perplexity on the validation text: what every decision of the trial reads."""

@@ -1,23 +1,72 @@
-"""Statistics of the dense model, computed once per key through the statistics cache.
+"""What a trial computes of the dense model, computed once per key through the cache.
 
-Every cache key is built here, from one base (model, dtype, device) plus what the statistic
-depends on, so two statistics can never share a key by accident and a new statistic is one
-function in this file. Without a cache (a trial outside a search) each is computed directly.
+Every cache key is built here, so two values can never share a key by accident and a new
+cached value is one function in this file. Keys are made of *content*, not names: the model
+is its fingerprint (config and weight digests, or hub id and revision), the tokenizer its
+serialised form, and each text the digest of the very tokens the value was computed from
+(so a window count, a seed or an edited file all change the key through the data). Then
+come the settings of the computation and the numerics it ran in (dtype, device). A
+different model saved at the same path gets new entries; a moved model folder keeps its
+entries. Without a cache (a trial outside a search, no --stats-cache) each value is
+computed directly.
+
+Cached: dense perplexity (validation and test), layer importance, Taylor scores, and the
+result of the first pruning step of the dense model (masks; for SparseGPT, which also
+updates the weights it keeps, the pruned weights of the prunable linears too), which trials
+that differ only in recovery settings share.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Sequence, TypeVar
 
-from raysparse.data.sources import resolve_source
+import torch
+
+from raysparse.config import TrialConfig
+from raysparse.data.sources import resolve_source, tokenizer_fingerprint
+from raysparse.models.fingerprint import model_fingerprint
+from raysparse.prune import prune
 from raysparse.sparsity.importance import LayerImportance, compute_importance
+from raysparse.sparsity.masks import Masks, apply_masks
 from raysparse.structured.taylor import timed_taylor_scores
 from raysparse.trial.context import TrialContext
 
 T = TypeVar("T")
 
+KEY_VERSION = 2  # bump when a cached value's meaning changes: old entries are then never read
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A digest of a tensor's dtype, shape and values (the token windows a value was computed from)."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:32]
+
+
+def _memo(ctx: TrialContext, name: str, make: Callable[[], str]) -> str:
+    """Fingerprints are computed once per trial (the model's files once per machine)."""
+    if name not in ctx.fingerprints:
+        ctx.fingerprints[name] = make()
+    return ctx.fingerprints[name]
+
+
+def _tokens(ctx: TrialContext, name: str, tensor: torch.Tensor | None) -> str | None:
+    return None if tensor is None else _memo(ctx, f"tokens:{name}", lambda: tensor_digest(tensor))
+
+
+def model_key(ctx: TrialContext) -> dict[str, Any]:
+    """The dense model as content: weights, tokenizer, and the numerics it runs in."""
+    loaded = ctx.loaded
+    revision = getattr(loaded.model.config, "_commit_hash", None)
+    return {"model": _memo(ctx, "model", lambda: model_fingerprint(loaded.path, revision)),
+            "tokenizer": _memo(ctx, "tokenizer", lambda: tokenizer_fingerprint(loaded.tokenizer)),
+            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+            "device": ctx.device.type}
+
 
 def _base_key(ctx: TrialContext, kind: str) -> dict[str, Any]:
-    return {"kind": kind, "model": ctx.loaded.path, "dtype": ctx.config.dtype}
+    return {"kind": kind, "version": KEY_VERSION, **model_key(ctx)}
 
 
 def _calibration_data(ctx: TrialContext) -> str:
@@ -27,24 +76,36 @@ def _calibration_data(ctx: TrialContext) -> str:
 def dense_ppl_key(ctx: TrialContext, role: str = "validation") -> dict[str, Any]:
     settings = ctx.settings
     stream = ctx.test_stream if role == "test" else ctx.val_stream
-    data = settings.eval_data if role == "test" or settings.val_data is None else settings.val_data
-    return {**_base_key(ctx, "dense_ppl"), "role": role, "eval_data": data, "eval_seqlen": settings.eval_seqlen,
-            "eval_stride": settings.eval_stride, "eval_max_windows": ctx.config.eval_max_windows,
-            "device": ctx.device.type, "eval_tokens": int(stream.numel())}
+    return {**_base_key(ctx, "dense_ppl"), "role": role, "tokens": _tokens(ctx, role, stream),
+            "eval_seqlen": settings.eval_seqlen, "eval_stride": settings.eval_stride,
+            "eval_max_windows": ctx.config.eval_max_windows}
 
 
 def layer_importance_key(ctx: TrialContext) -> dict[str, Any]:
     config = ctx.config
-    return {**_base_key(ctx, "layer_importance"), "data": _calibration_data(ctx),
+    return {**_base_key(ctx, "layer_importance"), "tokens": _tokens(ctx, "importance", ctx.importance_calib),
             "method": config.importance_method, "samples": config.importance_samples,
             "seqlen": ctx.settings.seqlen, "seed": config.seed}
 
 
 def taylor_key(ctx: TrialContext, indices: Sequence[int]) -> dict[str, Any]:
     config = ctx.config
-    return {**_base_key(ctx, "taylor_scores"), "data": _calibration_data(ctx), "examples": config.num_examples,
-            "seqlen": ctx.settings.taylor_seqlen, "seed": config.seed, "layers": list(indices),
-            "device": ctx.device.type}
+    return {**_base_key(ctx, "taylor_scores"), "tokens": _tokens(ctx, "taylor", ctx.taylor_windows),
+            "examples": config.num_examples, "seqlen": ctx.settings.taylor_seqlen, "seed": config.seed,
+            "layers": list(indices)}
+
+
+def pruning_key(ctx: TrialContext, config: TrialConfig, ratios: Sequence[float] | None) -> dict[str, Any]:
+    """Everything that determines the first pruning step's result on the dense model."""
+    key = {**_base_key(ctx, "prune_masks"), "method": config.method, "pattern": config.pattern.label,
+           "sparsity": config.sparsity, "layer_ratios": None if ratios is None else [float(r) for r in ratios]}
+    if config.method == "magnitude":
+        return {**key, "magnitude_scope": config.magnitude_scope}
+    key.update(tokens=_tokens(ctx, "calibration", ctx.calib), nsamples=config.nsamples, seqlen=ctx.settings.seqlen,
+               seed=config.seed, calib_batch_size=config.calib_batch_size)
+    if config.method == "sparsegpt":
+        key.update(percdamp=config.percdamp, blocksize=config.blocksize)
+    return key
 
 
 def _cached(ctx: TrialContext, key: dict[str, Any], compute: Callable[[], T]) -> T:
@@ -63,18 +124,50 @@ def dense_test_perplexity(ctx: TrialContext) -> float:
 
 def layer_importance(ctx: TrialContext) -> dict[str, Any]:
     """Importance of every decoder layer of the dense model: loaded from --importance-config,
-    or computed once per key and shared through the statistics cache."""
+    or computed once per key and shared through the cache."""
     config = ctx.config
     if config.importance_config:
         layers = len(ctx.loaded.adapter.decoder_layers())
         return LayerImportance.load(config.importance_config, expected_model=config.model,
                                     expected_layers=layers).to_dict()
-    return _cached(ctx, layer_importance_key(ctx), lambda: compute_importance(
+    value = _cached(ctx, layer_importance_key(ctx), lambda: compute_importance(
         ctx.loaded.adapter, ctx.importance_calib, config.importance_method, config.model, config.seed,
         _calibration_data(ctx), batch_size=config.calib_batch_size).to_dict())
+    # The same content may have been computed under other names: record this trial's.
+    return {**value, "model": config.model, "data": _calibration_data(ctx)}
 
 
 def taylor_scores(ctx: TrialContext, indices: Sequence[int]) -> dict[str, Any]:
     """Taylor scores of the dense model's layers `indices`: computed once per key."""
     return _cached(ctx, taylor_key(ctx, indices), lambda: timed_taylor_scores(
         ctx.loaded.adapter, ctx.taylor_windows, list(indices), ctx.device, ctx.config.calib_batch_size))
+
+
+def prune_dense(ctx: TrialContext, config: TrialConfig, ratios: list[float] | None) -> Masks:
+    """Prune the still dense model in place with `config`; return its masks.
+
+    Computed once per pruning key: a trial served the result applies it (SparseGPT's
+    updated weights, then the masks) and ends with the very model the computing trial got.
+    """
+    adapter, model = ctx.loaded.adapter, ctx.loaded.model
+    ran: list[Masks] = []
+
+    def compute() -> dict[str, Any]:
+        masks = prune(adapter, config, ctx.calib, ctx.device, ratios)
+        apply_masks(model, masks)
+        ran.append(masks)
+        value: dict[str, Any] = {"masks": {name: mask.cpu() for name, mask in masks.items()}}
+        if config.method == "sparsegpt":  # it also updated the weights it kept
+            value["weights"] = {name: p.detach().cpu().clone() for name, p in adapter.prunable_weights().items()}
+        return value
+
+    value = _cached(ctx, pruning_key(ctx, config, ratios), compute)
+    if ran:
+        return ran[0]
+    with torch.no_grad():
+        weights = adapter.prunable_weights()
+        for name, weight in (value.get("weights") or {}).items():
+            weights[name].data.copy_(weight)
+    masks = {name: mask.clone() for name, mask in value["masks"].items()}  # own memory, not the object store's
+    apply_masks(model, masks)
+    return masks

@@ -91,6 +91,8 @@ def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | 
             "context_length": settings.context_length,
         },
         "stats_cache": ctx.cache.events if ctx.cache is not None else None,
+        # Per kind of cached value: hits, computations and the seconds they cost or saved.
+        "stats_cache_by_kind": ctx.cache.by_kind() if ctx.cache is not None else None,
         "layer_importance": state.layer_importance,
         "structured": last.get("structured"),
         "versions": {"raysparse": __version__, "torch": torch.__version__, "transformers": _transformers_version()},

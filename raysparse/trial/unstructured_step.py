@@ -2,7 +2,9 @@
 
 Each schedule iteration prunes the current (already pruned, recovered) model to the
 iteration's level, and the new masks are ANDed with the previous ones: a weight pruned
-once stays pruned, whatever the later scores say.
+once stays pruned, whatever the later scores say. The first step prunes the dense model,
+whose result depends on nothing a trial's recovery settings change: it goes through the
+cache (trial/statistics.py), so trials that differ only in recovery prune once.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from raysparse.prune import prune
 from raysparse.sparsity.masks import Masks, apply_masks, measure_sparsity
 from raysparse.trial.context import TrialContext
 from raysparse.trial.state import TrialState
+from raysparse.trial.statistics import prune_dense
 from raysparse.trial.steps import StepOutcome, layer_ratios
 
 
@@ -32,8 +35,11 @@ class UnstructuredStep:
         sizes = [sum(m.weight.numel() for m in adapter.prunable_linears(layer).values()) for layer in layers]
         ratios = layer_ratios(ctx, state, level, range(len(layers)), sizes)
         with ctx.timer.phase("prune"):
-            masks = combine_masks(previous, prune(adapter, step_config, ctx.calib, ctx.device, ratios))
-            apply_masks(ctx.loaded.model, masks)
+            if previous is None:  # the dense model: the same pruning setting gives the same result (cached)
+                masks = prune_dense(ctx, step_config, ratios)
+            else:
+                masks = combine_masks(previous, prune(adapter, step_config, ctx.calib, ctx.device, ratios))
+                apply_masks(ctx.loaded.model, masks)
         return StepOutcome(masks, {"layer_ratios": ratios} if ratios is not None else {})
 
     def sparsity(self, ctx: TrialContext, outcome: StepOutcome) -> float:
