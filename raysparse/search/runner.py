@@ -20,10 +20,11 @@ from raysparse.cluster.preflight import check_address_reachable, check_shared_st
 from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
 from raysparse.data.sources import NAMED_DATASETS
 from raysparse.errors import ConfigError
+from raysparse.paths import write_json_atomic
 from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
 from raysparse.search.searcher import _make_scheduler, _make_searcher
-from raysparse.search.settings import SEARCH_STATE_FILE, SearchSettings
+from raysparse.search.settings import CACHE_STATS_FILE, SEARCH_STATE_FILE, SearchSettings
 from raysparse.search.space import SearchSpace
 from raysparse.search.space_file import load_space, parse_space
 from raysparse.search.trainable import search_trainable
@@ -142,22 +143,20 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
     _check_resources(settings, space)
     if remote is None:
         check_shared_storage(str(experiment.parent))
-
-    import ray
-
+    if not settings.cache:
+        return _run_tuner(settings, space, experiment, remote, resume, None, None)
     stats_dir = _stats_cache_location(remote, experiment)
     coordinator = start_coordinator(stats_dir, memory_bytes=settings.cache_memory << 20)
     try:
-        report = _run_tuner(settings, space, experiment, remote, resume, stats_dir)
-        report["cache"] = ray.get(coordinator.get_stats.remote())
+        return _run_tuner(settings, space, experiment, remote, resume, stats_dir, coordinator)
     finally:  # its values leave the object store; storage keeps them for the next search
         stop_coordinator(coordinator, stats_dir)
-    return report
 
 
 def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, remote: str | None,
-               resume: str | None, stats_dir: str) -> dict[str, Any]:
+               resume: str | None, stats_dir: str | None, coordinator: Any) -> dict[str, Any]:
     """Run (or restore) the Tuner, summarise it, evaluate the chosen configurations."""
+    import ray
     from ray import tune
 
     trainable = tune.with_resources(
@@ -190,6 +189,9 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
     study = _live_study(searcher)
     report = summarise_results(grid, space, settings, experiment, study)
     report["final_eval"] = evaluate_chosen(report, space, settings, experiment, stats_dir)
+    if coordinator is not None:  # what was computed, served and held, kept beside the results
+        report["cache"] = ray.get(coordinator.get_stats.remote())
+        write_json_atomic(experiment / CACHE_STATS_FILE, report["cache"])
     if remote:
         upload_dir(experiment, remote)
         report.update(experiment=remote, local_copy=str(experiment))

@@ -16,6 +16,8 @@ RESULTS_PARQUET = "results.parquet"
 
 BEST_CONFIG_FILE = "best_config.json"
 
+CACHE_STATS_FILE = "cache_stats.json"
+
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 
 # Objective name -> (metrics, modes). The first is single-objective (ASHA applies).
@@ -64,6 +66,8 @@ class SearchSettings:
     driver_resource: str | None = setting(None, "custom resource each trial also holds (1 unit), e.g. driver: keeps "
                                           "trials and their Train drivers on the nodes that offer it (cluster.yaml: "
                                           "the head)")
+    cache: bool = setting(True, "compute dense-model statistics and one-shot pruning results once per search "
+                          "and storage, shared through the object store (--no-cache: every trial computes its own)")
     cache_memory: int = setting(1024, "MiB of cached statistics and pruning results the object store holds at "
                                 "most; least recently used entries leave memory and are read back from storage",
                                 within=">= 0")
