@@ -209,3 +209,16 @@ def test_a_tampered_entry_is_rejected_and_never_executed(tmp_path):
     (tmp_path / f"{key}.pt").write_bytes(evil)  # the old pickle format is never opened
     assert entry_after(lambda: None) == ["hit"]
     assert not marker.exists()
+
+
+def test_a_claim_held_on_a_dead_node_is_released_at_once(tmp_path):
+    """Ray reports the holder's node dead: no need to wait for its lease to lapse."""
+    from raysparse.trial.cache_coordinator import CacheCoordinator
+
+    coordinator = CacheCoordinator(str(tmp_path), memory_bytes=1 << 20, lease_s=3600)
+    first = coordinator.claim("k", "kind", {"kind": "kind"}, {"node_id": "lost", "pid": 1})
+    assert first["state"] == "compute"
+    assert coordinator.claim("k", "kind", {"kind": "kind"}, {"node_id": "alive", "pid": 2})["state"] == "wait"
+    coordinator.state.dead_nodes, coordinator.state.nodes_checked = {"lost"}, time.time() + 3600
+    assert coordinator.claim("k", "kind", {"kind": "kind"}, {"node_id": "alive", "pid": 2})["state"] == "compute"
+    assert coordinator.get_stats()["leases_expired"] == 1

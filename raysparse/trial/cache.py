@@ -61,7 +61,10 @@ def start_coordinator(location: str | Path, memory_bytes: int = 1 << 30, lease_s
     remote = ray.remote(num_cpus=0, max_concurrency=16)(CacheCoordinator)
     handle = remote.options(name=actor_name(location), get_if_exists=True, scheduling_strategy=here).remote(
         _location(location), int(memory_bytes), lease_s, max_wait_s)
-    ray.get(handle.get_stats.remote())  # a storage it cannot open fails here, not in every trial
+    try:
+        ray.get(handle.get_stats.remote())  # a storage it cannot open fails here, not in every trial
+    except ray.exceptions.RayActorError as exc:
+        raise ConfigError(f"cannot start the cache on {location}: {str(exc).strip().splitlines()[-1]}") from None
     return handle
 
 
@@ -125,10 +128,11 @@ class StatsCache:
     use_actor: bool = True
     poll_s: float = 0.5
     events: list[dict[str, Any]] = field(default_factory=list)
+    actor: Any = field(default=None, init=False, repr=False)  # the coordinator's handle, in a search
+    _store: EntryStore | None = field(default=None, init=False, repr=False)  # the entries, without one
 
     def __post_init__(self) -> None:
         self.actor = self._find_actor() if self.use_actor else None
-        self._store: EntryStore | None = None
         if self.actor is None:
             self._store = self._open_store()
 
@@ -156,8 +160,9 @@ class StatsCache:
 
             try:
                 return self._shared(parts, compute)
-            except ray.exceptions.RayActorError:
-                logger.warning("cache: the coordinator is gone; %s is computed here, unshared", parts.get("kind"))
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                logger.warning("cache: the coordinator or its value is gone; %s is computed here, unshared",
+                               parts.get("kind"))
                 self.actor = None
                 return self._computed(parts, compute)
         return self._local(parts, compute)
