@@ -108,18 +108,19 @@ def pruning_key(ctx: TrialContext, config: TrialConfig, ratios: Sequence[float] 
     return key
 
 
-def _cached(ctx: TrialContext, key: dict[str, Any], compute: Callable[[], T]) -> T:
-    return compute() if ctx.cache is None else ctx.cache.get_or_compute(key, compute)
+def _cached(ctx: TrialContext, key: Callable[[], dict[str, Any]], compute: Callable[[], T]) -> T:
+    """The key is built only with a cache: fingerprinting a large model is not free."""
+    return compute() if ctx.cache is None else ctx.cache.get_or_compute(key(), compute)
 
 
 def dense_perplexity(ctx: TrialContext) -> float:
     """The unpruned model's validation perplexity: computed once per key across a search's trials."""
-    return _cached(ctx, dense_ppl_key(ctx), lambda: ctx.evaluate(desc="dense perplexity"))
+    return _cached(ctx, lambda: dense_ppl_key(ctx), lambda: ctx.evaluate(desc="dense perplexity"))
 
 
 def dense_test_perplexity(ctx: TrialContext) -> float:
     """The unpruned model's test perplexity (reported beside the pruned model's)."""
-    return _cached(ctx, dense_ppl_key(ctx, "test"), lambda: ctx.evaluate_test(desc="dense test perplexity"))
+    return _cached(ctx, lambda: dense_ppl_key(ctx, "test"), lambda: ctx.evaluate_test(desc="dense test perplexity"))
 
 
 def layer_importance(ctx: TrialContext) -> dict[str, Any]:
@@ -130,7 +131,7 @@ def layer_importance(ctx: TrialContext) -> dict[str, Any]:
         layers = len(ctx.loaded.adapter.decoder_layers())
         return LayerImportance.load(config.importance_config, expected_model=config.model,
                                     expected_layers=layers).to_dict()
-    value = _cached(ctx, layer_importance_key(ctx), lambda: compute_importance(
+    value = _cached(ctx, lambda: layer_importance_key(ctx), lambda: compute_importance(
         ctx.loaded.adapter, ctx.importance_calib, config.importance_method, config.model, config.seed,
         _calibration_data(ctx), batch_size=config.calib_batch_size).to_dict())
     # The same content may have been computed under other names: record this trial's.
@@ -139,7 +140,7 @@ def layer_importance(ctx: TrialContext) -> dict[str, Any]:
 
 def taylor_scores(ctx: TrialContext, indices: Sequence[int]) -> dict[str, Any]:
     """Taylor scores of the dense model's layers `indices`: computed once per key."""
-    return _cached(ctx, taylor_key(ctx, indices), lambda: timed_taylor_scores(
+    return _cached(ctx, lambda: taylor_key(ctx, indices), lambda: timed_taylor_scores(
         ctx.loaded.adapter, ctx.taylor_windows, list(indices), ctx.device, ctx.config.calib_batch_size))
 
 
@@ -161,7 +162,7 @@ def prune_dense(ctx: TrialContext, config: TrialConfig, ratios: list[float] | No
             value["weights"] = {name: p.detach().cpu().clone() for name, p in adapter.prunable_weights().items()}
         return value
 
-    value = _cached(ctx, pruning_key(ctx, config, ratios), compute)
+    value = _cached(ctx, lambda: pruning_key(ctx, config, ratios), compute)
     if ran:
         return ran[0]
     with torch.no_grad():
