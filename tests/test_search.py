@@ -59,24 +59,28 @@ def test_every_trial_has_a_row_and_errors_keep_their_reason(search_report):
             assert "attn_qkv not found" in row["error"]
             assert row["param_lora_target_modules"] == "attn_qkv"
         else:
-            assert row["final_ppl"] is not None and row["sparsity"] == pytest.approx(0.5, abs=1 / 64)
+            assert row["val_ppl"] is not None and row["sparsity"] == pytest.approx(0.5, abs=1 / 64)
     import pyarrow.parquet as pq
 
     table = pq.read_table(f"{search_report['experiment']}/results.parquet")
     assert table.num_rows == 6
-    # The dense perplexity is the same key for every trial: computed once, shared by the rest.
-    assert search_report["cache"]["misses"] == 1 and search_report["cache"]["hits"] == 5
+    # The dense validation perplexity is the same key for every trial: computed once, shared by
+    # the rest. The final evaluation of the chosen configuration hits it once more and computes
+    # the dense test perplexity (the trials never evaluate the test text).
+    assert search_report["cache"]["misses"] == 2 and search_report["cache"]["hits"] == 6
 
 
 def test_best_config_reruns_to_the_same_perplexity(search_report, tmp_path, capsys):
     best = search_report["best"]
-    assert best is not None and best["final_ppl"] == min(
-        r["final_ppl"] for r in search_report["rows"] if r["status"] == "completed")
+    assert best is not None and best["val_ppl"] == min(
+        r["val_ppl"] for r in search_report["rows"] if r["status"] == "completed")
     config = TrialConfig.from_file(search_report["best_config"])
     assert config.output is None and config.model == "tiny"
     assert prune_main(["--config", search_report["best_config"], "--output", str(tmp_path / "rerun"), "-q"]) == 0
     rerun = json.loads((tmp_path / "rerun" / "summary.json").read_text())
-    assert rerun["ppl_final"] == pytest.approx(best["final_ppl"], rel=1e-4)
+    assert rerun["val"]["ppl_final"] == pytest.approx(best["val_ppl"], rel=1e-4)
+    # ...and the test perplexity the search reported for it is the re-run's test perplexity.
+    assert rerun["ppl_final"] == pytest.approx(best["test_ppl"], rel=1e-4)
 
 
 def test_pareto_front_keeps_only_non_dominated_rows():

@@ -82,4 +82,4 @@ def test_a_search_on_a_storage_uri_uploads_trials_and_results_and_resumes_from_i
         assert row["train_steps_total"] == summary["train_steps_total"] == sum(h["steps"] for h in summary["history"])
     assert Path(report["local_copy"]).is_dir()
     assert [r["status"] for r in resumed["rows"]] == ["completed", "completed"]
-    assert {r["final_ppl"] for r in resumed["rows"]} == {r["final_ppl"] for r in report["rows"]}
+    assert {r["val_ppl"] for r in resumed["rows"]} == {r["val_ppl"] for r in report["rows"]}
