@@ -27,7 +27,7 @@ def test_prune_saves_a_reloadable_sparse_model(saved_model_dir, text_files, tmp_
                       + ["--method", "sparsegpt", "--sparsity", "2:4", "--save", "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "ppl dense" in printed and "ppl pruned" in printed and "per layer" in printed
+    assert "test (reported)" in printed and "  dense " in printed and "  pruned " in printed and "per layer" in printed
     summary = json.loads((out / "summary.json").read_text())
     for key in ("model", "method", "pattern", "sparsity_target", "sparsity_measured", "ppl_dense",
                 "ppl_pruned", "per_layer", "timings_s", "config", "protocol"):

@@ -83,6 +83,8 @@ def test_best_config_reruns_to_the_same_perplexity(search_report, tmp_path, caps
     assert prune_main(["--config", search_report["best_config"], "--output", str(tmp_path / "rerun"), "-q"]) == 0
     rerun = json.loads((tmp_path / "rerun" / "summary.json").read_text())
     assert rerun["val"]["ppl_final"] == pytest.approx(best["val_ppl"], rel=1e-4)
+    # ...and the test perplexity the search reported for it is the re-run's test perplexity.
+    assert rerun["ppl_final"] == pytest.approx(best["test_ppl"], rel=1e-4)
 
 
 def test_pareto_front_keeps_only_non_dominated_rows():

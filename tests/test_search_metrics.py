@@ -25,8 +25,8 @@ def test_only_the_last_schedule_step_marks_a_trial_completed():
 
 
 def test_the_pareto_line_names_the_objective_metrics():
-    row = {"trial_id": "a", "status": "completed", "error": None, "final_ppl": 20.0, "sparsity": 0.25,
+    row = {"trial_id": "a", "status": "completed", "error": None, "val_ppl": 20.0, "sparsity": 0.25,
            "params_remaining": 685184}
     text = format_report({"rows": [row], "best": row, "best_config": "b.json", "pareto": [row],
-                          "pareto_metrics": ["final_ppl", "params_remaining"], "experiment": "x"})
-    assert "pareto set (final_ppl vs params_remaining): a (20, 685184)" in text
+                          "pareto_metrics": ["val_ppl", "params_remaining"], "experiment": "x"})
+    assert "pareto set (val_ppl vs params_remaining): a (20, 685184)" in text
