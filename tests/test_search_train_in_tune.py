@@ -51,7 +51,8 @@ def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_pr
         space.write_text(SPACE)
         report = run_search(SearchSettings(space=str(space), num_samples=1, max_concurrent=1, cpus_per_trial=0.5,
                                            storage=str(tmp_path / "runs"), name="t", searcher="random",
-                                           early_stopping=False, max_failures=0, driver_resource="driver"))
+                                           early_stopping=False, max_failures=0, driver_resource="driver",
+                                           final_eval=False))  # the dashboard view of the search itself
         actors = dashboard_get(context.dashboard_url, "/api/v0/actors?limit=1000&detail=1")
         runs = dashboard_get(context.dashboard_url, "/api/train/v2/runs/v1")  # Train V2 runs
     finally:

@@ -76,10 +76,13 @@ def test_shipped_space_loads_and_samples(path: Path):
 
 def test_default_space_is_the_cheap_cpu_setting():
     space = load_space(SPACES_DIR / "default.yaml")
-    assert space.fixed["model"] == "tiny" and space.fixed["method"] == "magnitude"
+    assert space.fixed["model"] == "tiny" and space.params["method"].choices == ("magnitude", "wanda")
     assert space.fixed["schedule"] == "iterative" and space.fixed["recovery"] == "masked"
     assert float(space.fixed["sparsity"]) == 0.8
-    assert {"prune_percentage", "lr", "epochs_per_iteration"} <= set(space.params)
+    # The knobs the product names: prune percentage, epochs per iteration, alpha with a
+    # per-layer strategy, and sample counts (calibration and importance samples).
+    assert {"prune_percentage", "lr", "epochs_per_iteration", "pruning_strategy", "alpha", "nsamples",
+            "importance_samples"} <= set(space.params)
 
 
 # --- the format -----------------------------------------------------------------------

@@ -46,20 +46,22 @@ def test_corpus_split_is_deterministic_and_sized():
 def test_corpus_split_is_disjoint_by_document():
     from pydoc_data.topics import topics
 
-    train, test = pydoc_corpus_text("train"), pydoc_corpus_text("test")
-    in_test = [text in test for text in topics.values()]
+    train = pydoc_corpus_text("train")
+    held_out = pydoc_corpus_text("validation") + pydoc_corpus_text("test")
     in_train = [text in train for text in topics.values()]
-    # Every topic lands on exactly one side, and both sides get some.
-    assert all(a != b for a, b in zip(in_train, in_test))
-    assert 0 < sum(in_test) < sum(in_train)
-    assert len(train) + len(test) + len(pydoc.DOC_SEPARATOR) == sum(map(len, topics.values())) + len(
-        pydoc.DOC_SEPARATOR
-    ) * (len(topics) - 1)
+    # Whole documents go to train; the held-out splits take the others (minus the paragraphs
+    # they share with train), so no held-out topic is in train and train keeps most of them.
+    assert 0 < len(topics) - sum(in_train) < sum(in_train)
+    for text, trained in zip(topics.values(), in_train):
+        if not trained:
+            assert text[:200] not in train or text[:200].strip() == ""
+    assert held_out and not any(p.strip() and p.strip() in train.split(pydoc.DOC_SEPARATOR)
+                                for p in held_out.split(pydoc.DOC_SEPARATOR))
 
 
 def test_unknown_split_raises_data_error_naming_valid_ones():
-    with pytest.raises(DataError, match="train, test"):
-        pydoc_corpus_text("validation")
+    with pytest.raises(DataError, match="train, validation, test"):
+        pydoc_corpus_text("dev")
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():

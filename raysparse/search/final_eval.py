@@ -49,7 +49,7 @@ def evaluate_chosen(report: dict[str, Any], space: SearchSpace, settings: Search
     import ray
 
     chosen = chosen_rows(report)
-    if not chosen:
+    if not chosen or not settings.final_eval:
         return []
     run = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial,
                      resources={settings.driver_resource: 1} if settings.driver_resource else None)(_evaluate)

@@ -59,6 +59,8 @@ class SearchSettings:
                             choices=("optuna", "random", "qmc"))
     startup_trials: int | None = setting(None, "random trials TPE draws before it models the results",
                                          within=">= 1", shown="a third of --num-samples, 2 to 10")
+    final_eval: bool = setting(True, "once the search is over, re-run the chosen configuration(s) with the test "
+                               "text reported (--no-final-eval: report validation numbers only)")
     final_seeds: int = setting(1, "re-run the chosen configuration(s) with this many calibration seeds and "
                                "report their test perplexity (mean and spread)", within=">= 1")
     # A custom resource each trial (its Train driver) also holds, e.g. "driver", which
