@@ -1,6 +1,7 @@
 """Train-in-Tune end to end: a search trial whose recovery runs on Ray Train FSDP workers, with
 its trial and its workers visible through the Ray dashboard's own HTTP API."""
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +39,27 @@ def dashboard_get(base: str, path: str):
         return json.loads(response.read())
 
 
+def actor_classes(actors) -> list[str]:
+    return [a.get("class_name", "") for a in actors["data"]["result"]["result"]]
+
+
+def is_trial_actor(class_name: str) -> bool:
+    return class_name.startswith("ImplicitFunc") or "search_trainable" in class_name
+
+
+def dashboard_views(base: str, deadline_s: float = 30.0):
+    """The actor table and the Train runs, polled until the trial actor shows: the dashboard reads
+    the GCS tables asynchronously, and on a loaded machine a finished actor can appear late."""
+    start = time.monotonic()
+    while True:
+        actors = dashboard_get(base, "/api/v0/actors?limit=1000&detail=1")
+        runs = dashboard_get(base, "/api/train/v2/runs/v1")  # Train V2 runs
+        seen = any(is_trial_actor(c) for c in actor_classes(actors)) and "recovery-iter001" in json.dumps(runs)
+        if seen or time.monotonic() - start > deadline_s:
+            return actors, runs
+        time.sleep(1.0)
+
+
 def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_preset, tmp_path, monkeypatch):
     # Not set by the user: raysparse turns Train state tracking on where it builds the trainer.
     monkeypatch.delenv("RAY_TRAIN_ENABLE_STATE_TRACKING", raising=False)
@@ -53,8 +75,7 @@ def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_pr
                                            storage=str(tmp_path / "runs"), name="t", searcher="random",
                                            early_stopping=False, max_failures=0, driver_resource="driver",
                                            final_eval=False))  # the dashboard view of the search itself
-        actors = dashboard_get(context.dashboard_url, "/api/v0/actors?limit=1000&detail=1")
-        runs = dashboard_get(context.dashboard_url, "/api/train/v2/runs/v1")  # Train V2 runs
+        actors, runs = dashboard_views(context.dashboard_url)
     finally:
         ray.shutdown()
     rows = report["rows"]
@@ -64,8 +85,8 @@ def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_pr
     record = json.loads(summary_files[0].read_text())["history"][0]
     assert record["workers"] == 2 and record["steps"] == 2
 
-    classes = [a.get("class_name", "") for a in actors["data"]["result"]["result"]]
+    classes = actor_classes(actors)
     assert sum("RayTrainWorker" in c for c in classes) >= 2, classes
-    assert any(c.startswith("ImplicitFunc") or "search_trainable" in c for c in classes), classes
+    assert any(is_trial_actor(c) for c in classes), sorted(set(classes))
     names = json.dumps(runs)
     assert "recovery-iter001" in names, names[:500]
