@@ -61,12 +61,12 @@ def test_resume_after_killing_the_driver_reruns_no_finished_trial(tiny_preset, t
     assert sum(e["outcome"] == "computed" for s in summaries for e in s["stats_cache"] if e["kind"] == "dense_ppl") == 1
 
 
-@pytest.mark.parametrize("storage_kind", ["folder", "uri"])
-def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path, storage_kind):
+def test_a_search_trial_can_run_distributed_recovery_on_object_storage(tiny_preset, tmp_path):
     """Train-in-Tune: a trial with workers=2 launches a Ray Train FSDP run that fits beside it.
 
-    Its epoch checkpoints go to the trial's folder on the search's storage (Ray Train takes a
-    URI as well), where a retry on another node would find them; removed once it finished."""
+    Its epoch checkpoints go to the trial's folder on the search's storage URI, where a retry
+    on another node would find them; removed once it finished. (The same on a folder is
+    checked by test_search_train_in_tune.py.)"""
     from raysparse.search.runner import run_search
     from raysparse.search.settings import SearchSettings
 
@@ -78,8 +78,7 @@ def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path, stor
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)  # 0.5 for the trial + 2 workers
     try:
         report = run_search(SearchSettings(space=str(space), num_samples=1, cpus_per_trial=0.5,
-                                           storage=str(tmp_path / "runs") if storage_kind == "folder"
-                                           else (tmp_path / "runs").as_uri(), name="tit", early_stopping=False,
+                                           storage=(tmp_path / "runs").as_uri(), name="tit", early_stopping=False,
                                            max_failures=0))
     finally:
         ray.shutdown()
@@ -91,5 +90,5 @@ def test_a_search_trial_can_run_distributed_recovery(tiny_preset, tmp_path, stor
     assert summary["config"]["workers"] == 2 and summary["history"][0]["steps"] >= 1
     trial = summary_file.parent.parent
     assert summary["config"]["ray_train_storage"].endswith(f"{trial.name}/ray_train")
-    assert summary["config"]["ray_train_storage"].startswith("file://" if storage_kind == "uri" else "/")
+    assert summary["config"]["ray_train_storage"].startswith("file://")
     assert not (trial / "ray_train").exists()

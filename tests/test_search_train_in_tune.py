@@ -1,7 +1,7 @@
 """Train-in-Tune end to end: a search trial whose recovery runs on Ray Train FSDP workers, with
 its trial and its workers visible through the Ray dashboard's own HTTP API."""
 import json
-import time
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -39,25 +39,13 @@ def dashboard_get(base: str, path: str):
         return json.loads(response.read())
 
 
-def actor_classes(actors) -> list[str]:
-    return [a.get("class_name", "") for a in actors["data"]["result"]["result"]]
+def actor_classes(actors) -> dict[str, str]:
+    """actor id -> class name, from the dashboard's actor table."""
+    return {a.get("actor_id", ""): a.get("class_name", "") for a in actors["data"]["result"]["result"]}
 
 
 def is_trial_actor(class_name: str) -> bool:
     return class_name.startswith("ImplicitFunc") or "search_trainable" in class_name
-
-
-def dashboard_views(base: str, deadline_s: float = 30.0):
-    """The actor table and the Train runs, polled until the trial actor shows: the dashboard reads
-    the GCS tables asynchronously, and on a loaded machine a finished actor can appear late."""
-    start = time.monotonic()
-    while True:
-        actors = dashboard_get(base, "/api/v0/actors?limit=1000&detail=1")
-        runs = dashboard_get(base, "/api/train/v2/runs/v1")  # Train V2 runs
-        seen = any(is_trial_actor(c) for c in actor_classes(actors)) and "recovery-iter001" in json.dumps(runs)
-        if seen or time.monotonic() - start > deadline_s:
-            return actors, runs
-        time.sleep(1.0)
 
 
 def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_preset, tmp_path, monkeypatch):
@@ -68,25 +56,51 @@ def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_pr
     # A "driver" resource as cluster.yaml gives the head: the trial must hold one unit of it.
     context = ray.init(address="local", num_cpus=3, resources={"driver": 1}, include_dashboard=True,
                        dashboard_host="127.0.0.1", log_to_driver=False)
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    settings = SearchSettings(space=str(space), num_samples=1, max_concurrent=1, cpus_per_trial=0.5,
+                              storage=str(tmp_path / "runs"), name="t", searcher="random", early_stopping=False,
+                              max_failures=0, driver_resource="driver",
+                              final_eval=False)  # the dashboard view of the search itself
+    # Watch the dashboard while the search runs, as a user does: a finished actor may leave the
+    # dashboard's table before the search returns on a loaded machine, so collect every actor seen.
+    seen: dict[str, str] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                seen.update(actor_classes(dashboard_get(context.dashboard_url, "/api/v0/actors?limit=1000&detail=1")))
+            except OSError:  # the dashboard may be slow to answer on a loaded machine; ask again
+                pass
+            stop.wait(1.0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        space = tmp_path / "space.yaml"
-        space.write_text(SPACE)
-        report = run_search(SearchSettings(space=str(space), num_samples=1, max_concurrent=1, cpus_per_trial=0.5,
-                                           storage=str(tmp_path / "runs"), name="t", searcher="random",
-                                           early_stopping=False, max_failures=0, driver_resource="driver",
-                                           final_eval=False))  # the dashboard view of the search itself
-        actors, runs = dashboard_views(context.dashboard_url)
+        report = run_search(settings)  # in the main thread: Tune installs its signal handlers there
+        stop.set()
+        watcher.join(timeout=60)
+        seen.update(actor_classes(dashboard_get(context.dashboard_url, "/api/v0/actors?limit=1000&detail=1")))
+        runs = dashboard_get(context.dashboard_url, "/api/train/v2/runs/v1")  # Train V2 runs
     finally:
+        stop.set()
         ray.shutdown()
     rows = report["rows"]
     assert len(rows) == 1 and rows[0]["status"] == "completed", rows
     summary_files = list((tmp_path / "runs" / "t").glob("*/checkpoint_*/summary.json"))
     assert len(summary_files) == 1
-    record = json.loads(summary_files[0].read_text())["history"][0]
+    summary = json.loads(summary_files[0].read_text())
+    record = summary["history"][0]
     assert record["workers"] == 2 and record["steps"] == 2
+    # Train's epoch checkpoints went to the trial's folder on the search's storage, removed once finished.
+    trial = summary_files[0].parent.parent
+    assert summary["config"]["ray_train_storage"].endswith(f"{trial.name}/ray_train")
+    assert summary["config"]["ray_train_storage"].startswith("/")
+    assert not (trial / "ray_train").exists()
 
-    classes = actor_classes(actors)
-    assert sum("RayTrainWorker" in c for c in classes) >= 2, classes
-    assert any(is_trial_actor(c) for c in classes), sorted(set(classes))
+    classes = list(seen.values())
+    assert sum("RayTrainWorker" in c for c in classes) >= 2, ", ".join(sorted(set(classes)))
+    assert any(is_trial_actor(c) for c in classes), ", ".join(sorted(set(classes)))
     names = json.dumps(runs)
     assert "recovery-iter001" in names, names[:500]
