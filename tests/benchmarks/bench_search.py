@@ -3,6 +3,10 @@
 Run on demand (not part of the test suite; ~45 min on 2 cores):
 
     python tests/benchmarks/bench_search.py [--num-samples 16] [--seeds 3] [--hand full|quick|skip]
+    python tests/benchmarks/bench_search.py --resume /tmp/raysparse-bench-search-XXXX [--no-new-runs]
+
+`--resume` continues a run that was cut short from its storage folder (the hand recipes and
+every finished search are kept; `--no-new-runs` only re-summarises what is there).
 
 On the default space (tiny preset, iterative pruning to 80%, masked recovery):
 (1) Optuna TPE, random and scrambled-Sobol (qmc) searches at an equal trial budget, each with
@@ -281,23 +285,34 @@ def main() -> None:
     parser.add_argument("--hand", choices=("full", "quick", "skip"), default="full",
                         help="hand recipes: full (p=0.1, 16 iterations x 3 epochs), quick (smoke runs) or skip")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--resume", type=Path, help="storage folder of a run cut short: keep what it finished")
+    parser.add_argument("--no-new-runs", action="store_true", help="with --resume: only summarise what is there")
     args = parser.parse_args()
-    started, load_start = time.perf_counter(), os.getloadavg()
-    storage = Path(tempfile.mkdtemp(prefix="raysparse-bench-search-"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    hand = hand_recipes(args.hand) if args.hand != "skip" else []
+    load_start = os.getloadavg()
+    storage = args.resume or Path(tempfile.mkdtemp(prefix="raysparse-bench-search-"))
+    print(f"storage: {storage}", flush=True)
+    hand_file, searches_file = storage / "bench_hand.json", storage / "bench_searches.json"
+    hand = json.loads(hand_file.read_text()) if hand_file.is_file() else None
+    searches = json.loads(searches_file.read_text()) if searches_file.is_file() else []
+    done = {s["name"] for s in searches}
     # Seed by seed, so a run cut short still holds every variant for the seeds it finished.
-    plan = [(searcher, seed, asha) for seed in range(args.seeds) for searcher, asha in VARIANTS]
-    searches = []
-    for searcher, seed, asha in plan:
-        searches.append(one_search(args, storage, searcher, seed, asha))
-        (storage / "bench_searches.json").write_text(json.dumps(searches, default=str))  # survives a crash below
-    ray.shutdown()
+    plan = [(searcher, seed, asha) for seed in range(args.seeds) for searcher, asha in VARIANTS
+            if f"{searcher}-seed{seed}-{'asha' if asha else 'full'}" not in done]
+    if not args.no_new_runs and (plan or hand is None):
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        if hand is None:
+            hand = hand_recipes(args.hand) if args.hand != "skip" else []
+            hand_file.write_text(json.dumps(hand))
+        for searcher, seed, asha in plan:
+            searches.append(one_search(args, storage, searcher, seed, asha))
+            searches_file.write_text(json.dumps(searches, default=str))  # survives a crash below
+        ray.shutdown()
+    hand = hand or []
     import optuna
     import torch
 
     result = {
-        "settings": {"num_samples": args.num_samples, "seeds": list(range(args.seeds)), "max_concurrent":
+        "settings": {"num_samples": args.num_samples, "seeds": sorted({s["seed"] for s in searches}), "max_concurrent":
                      args.max_concurrent, "hand": args.hand, "space": load_space(DEFAULT_SPACE).to_dict(),
                      "hand_recipes": {k: {**HAND_BASE, **v} for k, v in HAND.items()}},
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
@@ -307,7 +322,10 @@ def main() -> None:
         "summary": summarise(searches, hand, args.num_samples), "hand": hand, "searches": searches,
         "cache": searches[-1]["cache"] if searches else None,  # the coordinator's counts are cumulative
         "wall_over_trial_sum": med([s["wall_s"] / s["trial_s_sum"] for s in searches if s["trial_s_sum"]]),
-        "storage": str(storage), "wall_s": round(time.perf_counter() - started, 1),
+        "storage": str(storage),
+        # Searches one after another, plus the two hand recipes (which run side by side): also right
+        # for a run continued with --resume, whose own process saw only part of it.
+        "wall_s": round(sum(s["wall_s"] for s in searches) + max((h["wall_s"] for h in hand), default=0.0), 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     plot(result["summary"]["groups"], hand, args.out / "bench_search_curves.png")
