@@ -26,6 +26,8 @@ SCHEDULES = ("oneshot", "iterative")
 
 RECOVERIES = ("none", "masked", "lora")
 
+DISTILL_MODES = ("none", "logits", "squarehead")
+
 MAGNITUDE_SCOPES = ("layer", "global")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -121,6 +123,18 @@ class TrialConfig:
                                        also=(list,), group=RECOVERY)
     workers: int = setting(1, "Ray Train FSDP workers for masked recovery (1 = in-process)", within=">= 1",
                            group=RECOVERY)
+    distill: str = setting("none", "recovery loss from the dense model: logits (KL of the next-token distributions) "
+                           "or squarehead (logit KL + normalised per-layer feature MSE)", choices=DISTILL_MODES,
+                           group=RECOVERY)
+    distill_weight: float = setting(1.0, "share of the distillation loss: (1-w)*next-token + w*distillation",
+                                    within="[0, 1]", group=RECOVERY)
+    distill_temperature: float = setting(1.0, "softmax temperature of the logit KL", within="(0, 100]",
+                                         group=RECOVERY)
+    distill_layers: str | None = setting(None, "comma-separated decoder layer indices the squarehead feature loss "
+                                         "compares (negative: from the end)", shown="all", also=(list,),
+                                         group=RECOVERY)
+    teacher: str | None = setting(None, "the teacher for --distill: a model with the same tokenizer",
+                                  shown="the dense model", group=RECOVERY)
     resume: bool = setting(True, "continue from a checkpoint of this trial in --output (--no-resume: start over)")
     stats_cache: str | None = setting(None, "folder or URI (s3://, gs://, file://) of cached dense-model statistics "
                                       "and pruning results, shared with searches (a search sets it)")
@@ -242,12 +256,30 @@ class TrialConfig:
                 raise ConfigError("lora_target_modules is empty: name linear layers, e.g. q_proj,v_proj")
             if self.workers > 1:
                 raise ConfigError("LoRA recovery runs in-process: use --workers 1 (distributed recovery is masked)")
+        if self.distill != "none":
+            if self.recovery == "none":
+                raise ConfigError(f"--distill {self.distill} needs a recovery: add --recovery masked or lora")
+            if self.workers > 1:
+                raise ConfigError("distillation runs in-process for now: use --workers 1 with --distill")
+            self.distill_layer_indices  # noqa: B018 - parses, raising on a malformed list
 
     @property
     def lora_targets(self) -> list[str]:
         value = self.lora_target_modules
         items = value.split(",") if isinstance(value, str) else list(value)
         return [item.strip() for item in items if item.strip()]
+
+    @property
+    def distill_layer_indices(self) -> tuple[int, ...] | None:
+        """--distill-layers as integers (None = every decoder layer)."""
+        value = self.distill_layers
+        if value is None or value == "" or value == []:
+            return None
+        items = value.split(",") if isinstance(value, str) else list(value)
+        try:
+            return tuple(int(str(item).strip()) for item in items if str(item).strip())
+        except ValueError:
+            raise ConfigError(f"--distill-layers {value!r} must be comma-separated layer indices, e.g. 0,5,-1") from None
 
     def effective_lr(self) -> float:
         """lr, or base_lr * sqrt(batch_size) with the batch-size-aware rule (`batch_scaled`)."""

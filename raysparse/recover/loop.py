@@ -25,6 +25,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf: the trial must stop and report it instead of saving garbage."""
 
 
+# (model, batch of token ids) -> (loss to minimise, named parts of it for the history)
+LossFn = Callable[[nn.Module, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def next_token_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Plain recovery: the causal language-modelling loss on the training windows."""
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    return loss, {"next_token": float(loss.detach())}
+
+
 @dataclass
 class TrainSettings:
     """Optimisation settings of one recovery run (per pruning iteration)."""
@@ -52,6 +62,7 @@ class EpochRecord:
     change_vs_baseline_pct: float | None
     time_s: float
     memory_mb: float
+    loss_parts: dict[str, float] | None = None  # mean of each named part of the loss (distillation)
 
 
 @dataclass
@@ -101,8 +112,12 @@ def fit(
     progress: bool = True,
     start_epoch: int = 0,
     baseline_ppl: float | None = None,
+    loss_fn: LossFn = next_token_loss,
 ) -> TrainResult:
-    """Train `params` on `windows` (rows of token ids) with AdamW; evaluate after every epoch."""
+    """Train `params` on `windows` (rows of token ids) with AdamW; evaluate after every epoch.
+
+    `loss_fn` gives the loss of a batch (next-token by default; distillation mixes in a teacher).
+    """
     device = device or next(model.parameters()).device
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     per_epoch = math.ceil(windows.shape[0] / settings.batch_size / settings.grad_accum)
@@ -121,17 +136,20 @@ def fit(
         model.train()
         started = time.perf_counter()
         losses: list[float] = []
+        part_sums: dict[str, float] = {}
         steps = batches = 0
         bar = tqdm(total=per_epoch, desc=f"{desc} epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
         for batch in batches_for_epoch(windows, settings.batch_size, epoch, settings.seed):
             batch = batch.to(device)
             with autocast:
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                loss, parts = loss_fn(model, batch)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss became {loss_value} at epoch {epoch + 1}, step {steps + 1}")
             (loss / settings.grad_accum).backward()
             losses.append(loss_value)
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + value
             batches += 1
             if batches % settings.grad_accum:
                 continue
@@ -152,6 +170,8 @@ def fit(
             epoch=epoch + 1, avg_loss=sum(losses) / max(len(losses), 1), steps=steps, batches=batches, ppl=ppl,
             change_vs_baseline_pct=(100.0 * (ppl - baseline_ppl) / baseline_ppl) if ppl and baseline_ppl else None,
             time_s=round(time.perf_counter() - started, 3), memory_mb=round(memory_mb(device), 1),
+            loss_parts={name: total / max(batches, 1) for name, total in part_sums.items()} if len(part_sums) > 1
+            else None,
         )
         result.epochs.append(record)
         result.steps += steps

@@ -5,14 +5,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from raysparse.config import TrialConfig
 from raysparse.data.overlap import KGRAM, MAX_SHARED, shared_fraction
 from raysparse.data.sources import calibration_windows, resolve_source, token_stream
-from raysparse.errors import DataError
+from raysparse.errors import DataError, ModelError
 from raysparse.metrics.perplexity import perplexity, window_starts
 from raysparse.metrics.resources import PhaseTimer
-from raysparse.models.loading import LoadedModel, load_model, resolve_device
+from raysparse.models.loading import LoadedModel, load_model, resolve_device, resolve_model_path
 from raysparse.trial.cache import StatsCache
 from raysparse.trial.settings import ResolvedSettings, check_output_dir, resolve_settings
 
@@ -34,6 +35,7 @@ class TrialContext:
     cache: Any = None  # a StatsCache when the trial runs inside a search
     taylor_windows: torch.Tensor | None = None  # structured pruning's Taylor importance data
     fingerprints: dict[str, str] = field(default_factory=dict)  # content digests of model and data (cache keys)
+    teacher: Any = None  # the frozen dense model for distillation, loaded when recovery first needs it
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
         """Perplexity on the validation text: what every decision of the trial reads."""
@@ -65,6 +67,8 @@ def _prepare(config: TrialConfig) -> TrialContext:
     with timer.phase("load"):
         loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
         loaded.model.to(device)
+        if config.distill != "none" and config.teacher:
+            check_teacher(config.teacher, loaded, config.trust_remote_code)
     with timer.phase("data"):
         test_stream = token_stream(loaded.tokenizer, test_source)
         val_stream = token_stream(loaded.tokenizer, val_source) if val_source is not None else test_stream
@@ -96,6 +100,25 @@ def _prepare(config: TrialConfig) -> TrialContext:
         cache = StatsCache(config.stats_cache)
     return TrialContext(config, settings, loaded, device, val_stream, test_stream, calib, importance_calib,
                         train_windows, timer, cache, taylor_windows)
+
+
+def check_teacher(teacher: str, student: LoadedModel, trust_remote_code: bool) -> None:
+    """Refuse a teacher that reads tokens differently, before any pruning: its distributions
+    would be over other tokens, and the KL between them meaningless."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(teacher), trust_remote_code=trust_remote_code)
+        vocab_size = AutoConfig.from_pretrained(resolve_model_path(teacher), trust_remote_code=trust_remote_code).vocab_size
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's path
+        raise ModelError(f"cannot read the teacher {teacher}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise ModelError(f"the teacher {teacher} has another tokenizer than the model: distillation needs the same "
+                         "tokenizer (give a teacher of the same family, or leave --teacher unset for the dense model)")
+    student_vocab = student.model.config.vocab_size
+    if vocab_size != student_vocab:
+        raise ModelError(f"the teacher {teacher} has a vocabulary of {vocab_size} logits, the model {student_vocab}: "
+                         "distillation compares them one to one")
 
 
 def check_window_fits(stream: torch.Tensor, seqlen: int, stride: int, role: str, name: str) -> None:

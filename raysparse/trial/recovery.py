@@ -10,8 +10,10 @@ import torch
 
 from raysparse.config import TrialConfig
 from raysparse.models.adapters import get_adapter
+from raysparse.models.loading import load_model
+from raysparse.recover.distill import DistillSettings, TeacherCost, distillation_loss
 from raysparse.recover.distributed.driver import EvalSpec, train_masked_distributed
-from raysparse.recover.loop import TrainSettings
+from raysparse.recover.loop import LossFn, TrainSettings, next_token_loss
 from raysparse.recover.lora import LoraSettings, train_lora
 from raysparse.recover.masked import train_masked
 from raysparse.sparsity.masks import Masks
@@ -31,10 +33,49 @@ def _train_settings(config: TrialConfig, device: torch.device):
     )
 
 
+def _teacher(ctx: TrialContext) -> torch.nn.Module:
+    """The frozen dense model (or --teacher), loaded once per trial in the trial's dtype and device.
+
+    Loaded from its files rather than copied from the trial's model, which is pruned in place
+    by the time recovery runs (and on a resumed trial never was dense in this process).
+    """
+    if ctx.teacher is None:
+        config = ctx.config
+        with ctx.timer.phase("load_teacher"):
+            loaded = load_model(config.teacher or config.model, config.device, config.dtype, config.trust_remote_code)
+            ctx.teacher = loaded.model.to(ctx.device).eval()
+    return ctx.teacher
+
+
+def _loss(ctx: TrialContext) -> tuple[LossFn, TeacherCost | None]:
+    """The recovery loss: next-token, or distillation from the teacher (with its cost counted)."""
+    config = ctx.config
+    if config.distill == "none":
+        return next_token_loss, None
+    teacher, cost = _teacher(ctx), TeacherCost()
+    student_layers = list(get_adapter(ctx.loaded.model).decoder_layers())  # peft wraps inside these modules
+    settings = DistillSettings(config.distill, config.distill_weight, config.distill_temperature,
+                               config.distill_layer_indices)
+    return distillation_loss(teacher, settings, lambda _model: student_layers,
+                             list(get_adapter(teacher).decoder_layers()), cost), cost
+
+
+def _distill_record(ctx: TrialContext, cost: TeacherCost | None) -> dict[str, Any]:
+    if cost is None:
+        return {}
+    config = ctx.config
+    return {"distill": {"mode": config.distill, "teacher": config.teacher or "the dense model",
+                        "weight": config.distill_weight, "temperature": config.distill_temperature,
+                        "layers": config.distill_layers or "all", "teacher_forwards": cost.forwards,
+                        "teacher_s": round(cost.seconds, 3),
+                        "teacher_outputs": "recomputed every step (no cache)"}}
+
+
 def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: float) -> dict[str, Any]:
     """Run the configured recovery; return what the iteration record needs."""
     config = ctx.config
     settings = _train_settings(config, ctx.device)
+    loss_fn, teacher_cost = _loss(ctx)
     if config.recovery == "lora":
 
         adapter_dir = Path(config.output) / "adapters" / f"iter_{iteration:03d}" if config.output else None
@@ -42,12 +83,13 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
             ctx.loaded.model, masks, ctx.train_windows, settings,
             LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets),
             lambda model: ctx.evaluate(model, "perplexity (LoRA)"), adapter_dir=adapter_dir,
-            device=ctx.device, baseline_ppl=ppl_after_prune,
+            device=ctx.device, baseline_ppl=ppl_after_prune, loss_fn=loss_fn,
         )
         ctx.loaded.model = outcome.model
         ctx.loaded.adapter = get_adapter(outcome.model)
         return {"train": outcome.train, "ppl_after_train": outcome.ppl_masked_merge,
-                "ppl_with_adapter": outcome.ppl_with_adapter, "adapter_dir": outcome.adapter_dir}
+                "ppl_with_adapter": outcome.ppl_with_adapter, "adapter_dir": outcome.adapter_dir,
+                **_distill_record(ctx, teacher_cost)}
     if config.workers > 1:
 
         # A search puts these on its storage (possibly a URI), where a retry on another node finds them.
@@ -64,8 +106,8 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
 
     result = train_masked(ctx.loaded.model, masks, ctx.train_windows, settings,
                           lambda: ctx.evaluate(desc="perplexity (epoch)"), device=ctx.device,
-                          baseline_ppl=ppl_after_prune)
-    return {"train": result, "ppl_after_train": result.final_ppl}
+                          baseline_ppl=ppl_after_prune, loss_fn=loss_fn)
+    return {"train": result, "ppl_after_train": result.final_ppl, **_distill_record(ctx, teacher_cost)}
 
 
 def recovery_pct(before: float, after_prune: float, after_train: float) -> float | None:
