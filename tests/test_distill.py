@@ -125,8 +125,6 @@ def test_an_iterative_trial_distils_from_the_dense_model(recovery, saved_model_d
 def test_bad_distillation_settings_are_one_line_errors(saved_model_dir, text_files, tmp_path):
     with pytest.raises(ConfigError, match="needs a recovery"):
         TrialConfig(distill="logits").validate()
-    with pytest.raises(ConfigError, match="--workers 1"):
-        TrialConfig(distill="logits", recovery="masked", workers=2).validate()
     with pytest.raises(ConfigError, match="comma-separated layer indices"):
         TrialConfig(distill="squarehead", recovery="masked", distill_layers="0,x").validate()
     with pytest.raises(ConfigError, match="distill_weight"):

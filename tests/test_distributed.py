@@ -177,16 +177,20 @@ def test_tied_embeddings_are_stored_once():
 
 
 def test_trial_with_two_workers_keeps_sparsity_and_cleans_up(ray_cluster, saved_model_dir, text_files, tmp_path):
-    """The trial's --workers path: Ray Train FSDP recovery inside run_trial, end to end."""
+    """The trial's --workers path: Ray Train FSDP recovery inside run_trial, end to end, distilling
+    from the dense model (the plain next-token path on workers is what the tests above run)."""
     from raysparse.config import TrialConfig
     from raysparse.trial.runner import run_trial
 
     config = TrialConfig(model=str(saved_model_dir()), method="magnitude", sparsity="0.5", recovery="masked",
                          lr=1e-3, batch_size=4, train_samples=8, calib_data=str(text_files["calib"]),
                          eval_data=str(text_files["eval"]), val_data=str(text_files["val"]), train_data=str(text_files["calib"]), seqlen=32,
-                         eval_seqlen=32, eval_max_windows=4, workers=2, output=str(tmp_path / "trial"))
+                         eval_seqlen=32, eval_max_windows=4, workers=2, output=str(tmp_path / "trial"),
+                         distill="squarehead", distill_weight=0.5)
     result = run_trial(config)
-    verify_masks(result.loaded.model, result.masks)
+    verify_masks(result.loaded.model, result.masks)  # masks hold under FSDP with a (sharded) teacher
     assert result.summary["sparsity_measured"] == pytest.approx(0.5, abs=1 / 64)
-    assert result.summary["history"][0]["steps"] >= 1
+    record = result.summary["history"][0]
+    assert record["steps"] >= 1 and record["distill"]["mode"] == "squarehead"
+    assert set(record["epochs"][0]["loss_parts"]) == {"next_token", "kl", "feature"}
     assert not (tmp_path / "trial" / "ray_train").exists()

@@ -259,8 +259,6 @@ class TrialConfig:
         if self.distill != "none":
             if self.recovery == "none":
                 raise ConfigError(f"--distill {self.distill} needs a recovery: add --recovery masked or lora")
-            if self.workers > 1:
-                raise ConfigError("distillation runs in-process for now: use --workers 1 with --distill")
             self.distill_layer_indices  # noqa: B018 - parses, raising on a malformed list
 
     @property

@@ -54,10 +54,13 @@ def _loss(ctx: TrialContext) -> tuple[LossFn, TeacherCost | None]:
         return next_token_loss, None
     teacher, cost = _teacher(ctx), TeacherCost()
     student_layers = list(get_adapter(ctx.loaded.model).decoder_layers())  # peft wraps inside these modules
-    settings = DistillSettings(config.distill, config.distill_weight, config.distill_temperature,
-                               config.distill_layer_indices)
-    return distillation_loss(teacher, settings, lambda _model: student_layers,
+    return distillation_loss(teacher, _distill_settings(config), lambda _model: student_layers,
                              list(get_adapter(teacher).decoder_layers()), cost), cost
+
+
+def _distill_settings(config: TrialConfig) -> DistillSettings:
+    return DistillSettings(config.distill, config.distill_weight, config.distill_temperature,
+                           config.distill_layer_indices)
 
 
 def _distill_record(ctx: TrialContext, cost: TeacherCost | None) -> dict[str, Any]:
@@ -75,7 +78,8 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
     """Run the configured recovery; return what the iteration record needs."""
     config = ctx.config
     settings = _train_settings(config, ctx.device)
-    loss_fn, teacher_cost = _loss(ctx)
+    loss_fn, teacher_cost = _loss(ctx) if config.workers == 1 else (None, TeacherCost() if config.distill != "none"
+                                                                     else None)
     if config.recovery == "lora":
 
         adapter_dir = Path(config.output) / "adapters" / f"iter_{iteration:03d}" if config.output else None
@@ -101,8 +105,14 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
                      config.eval_batch_size, config.eval_max_windows),
             workers=config.workers, storage_path=storage, run_name=f"recovery-iter{iteration:03d}",
             use_gpu=ctx.device.type == "cuda",
+            teacher=_teacher(ctx) if config.distill != "none" else None, distill=_distill_settings(config),
         )
-        return {"train": result, "ppl_after_train": result.final_ppl, "workers": config.workers}
+        record = _distill_record(ctx, teacher_cost)
+        if record:  # the workers ran the teacher: one forward per batch on every worker, not timed apart
+            record["distill"].update(teacher_forwards=sum(e.batches for e in result.epochs) * config.workers,
+                                     teacher_s=None, teacher_outputs="recomputed every step, sharded over the "
+                                     "workers like the student")
+        return {"train": result, "ppl_after_train": result.final_ppl, "workers": config.workers, **record}
 
     result = train_masked(ctx.loaded.model, masks, ctx.train_windows, settings,
                           lambda: ctx.evaluate(desc="perplexity (epoch)"), device=ctx.device,

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from raysparse.errors import ConfigError, RaysparseError
-from raysparse.recover.distributed.job import EvalSpec, _Job
+from raysparse.recover.distill import DistillSettings
+from raysparse.recover.distributed.job import EvalSpec, TeacherJob, _Job
 from raysparse.recover.distributed.weights import _dedupe, _fingerprint, _is_tied, _read_meta, _read_weights
 from raysparse.recover.distributed.worker import _floating_dtype, _train_worker
 from raysparse.recover.loop import EpochRecord, TrainingDiverged, TrainResult, TrainSettings
@@ -68,6 +69,8 @@ def train_masked_distributed(
     run_name: str,
     use_gpu: bool = False,
     cpus_per_worker: float = 1,
+    teacher: nn.Module | None = None,
+    distill: DistillSettings | None = None,
 ) -> TrainResult:
     """Fine-tune a pruned `model` on `workers` FSDP workers, keeping `masks` exact.
 
@@ -75,7 +78,8 @@ def train_masked_distributed(
     when `settings.keep_best` and an `eval_spec` are given; the untouched input when no
     epoch beat the baseline). Raises ConfigError when the cluster cannot place the workers
     or `run_name` already holds a different run, TrainingDiverged on a NaN/inf loss, and
-    MaskViolation if a pruned weight came back non-zero.
+    MaskViolation if a pruned weight came back non-zero. With a `teacher` and `distill`
+    settings the workers distil from it, the teacher sharded over them like the student.
     """
     _validate(windows, eval_spec, workers, cpus_per_worker)
     started_ray = _ensure_ray(workers, cpus_per_worker, use_gpu)
@@ -93,6 +97,13 @@ def train_masked_distributed(
             fingerprint=_fingerprint(model, masks, windows, settings, eval_spec), use_gpu=use_gpu,
             error_file="" if "://" in storage_path else os.path.join(storage_path, run_name, "worker_error.json"),
         )
+        teacher_state = None
+        if teacher is not None and distill is not None and distill.enabled:
+            teacher_state, teacher_aliases = _dedupe(teacher.state_dict())
+            teacher_state = {key: tensor.detach().cpu() for key, tensor in teacher_state.items()}
+            job.teacher = TeacherJob(type(teacher), teacher.config, _floating_dtype(teacher), teacher_aliases, distill)
+            # Another teacher or loss is another job: never resume a run that distilled differently.
+            job.fingerprint = f"{job.fingerprint}-{_fingerprint(teacher, {}, windows[:1], settings, None)}-{distill}"
         previous = _previous_run(storage_path, run_name, job.fingerprint)
         if previous is not None and _finished(previous, settings):
             logger.info("run '%s' already finished %s epoch(s): loading its checkpoints", run_name,
@@ -101,7 +112,8 @@ def train_masked_distributed(
         else:
             if previous is not None:
                 logger.info("run '%s' resumes after epoch %d", run_name, previous[1]["records"][-1]["epoch"])
-            result = _run_trainer(job, state, workers, storage_path, run_name, use_gpu, cpus_per_worker)
+            result = _run_trainer(job, state, workers, storage_path, run_name, use_gpu, cpus_per_worker,
+                                  teacher_state)
         return _finish(model, masks, result, settings, run_name)
     finally:
         if started_ray:
@@ -181,7 +193,7 @@ def _check_resources(resources: dict[str, float], workers: int, cpus_per_worker:
 
 
 def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storage_path: str, run_name: str,
-                 use_gpu: bool, cpus_per_worker: float):
+                 use_gpu: bool, cpus_per_worker: float, teacher_state: dict[str, torch.Tensor] | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -197,7 +209,8 @@ def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storag
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": ray.put(job), "state": ray.put(state)},
+        train_loop_config={"job": ray.put(job), "state": ray.put(state),
+                           "teacher_state": ray.put(teacher_state) if teacher_state is not None else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

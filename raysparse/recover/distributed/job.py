@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from raysparse.recover.distill import DistillSettings
 from raysparse.recover.loop import TrainSettings
 from raysparse.sparsity.masks import Masks
 
@@ -21,6 +22,18 @@ class EvalSpec:
     stride: int | None = None
     batch_size: int = 4
     max_windows: int | None = None
+
+
+@dataclass
+class TeacherJob:
+    """The frozen teacher each worker rebuilds and shards like the student (its weights travel
+    as their own object), and how the recovery loss uses it."""
+
+    model_cls: type
+    model_config: Any
+    dtype: torch.dtype
+    aliases: dict[str, str]
+    distill: DistillSettings
 
 
 @dataclass
@@ -39,3 +52,4 @@ class _Job:
     fingerprint: str
     use_gpu: bool
     error_file: str = ""  # where a worker records a user-facing failure before raising
+    teacher: TeacherJob | None = None  # distillation: the teacher to rebuild (weights shipped separately)

@@ -20,7 +20,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from raysparse.errors import RaysparseError
 from raysparse.metrics.perplexity import perplexity
 from raysparse.models.adapters import get_adapter
-from raysparse.recover.distributed.job import _Job
+from raysparse.recover.distill import distillation_loss
+from raysparse.recover.distributed.job import TeacherJob, _Job
 from raysparse.recover.distributed.weights import (
     META_FILE,
     _check_state_masks,
@@ -29,7 +30,7 @@ from raysparse.recover.distributed.weights import (
     _read_weights,
     _write_weights,
 )
-from raysparse.recover.loop import EpochRecord, TrainingDiverged, fit
+from raysparse.recover.loop import EpochRecord, LossFn, TrainingDiverged, fit, next_token_loss
 from raysparse.recover.masked import mask_hooks
 from raysparse.sparsity.masks import MaskViolation
 
@@ -85,6 +86,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     model = _build_model(job, state)
     del state
     model.to(device)
+    loss_fn = _loss(job, config.get("teacher_state"), model, device, world)
     _shard(model, device, world)
     after_backward, after_step = mask_hooks(model, job.masks)
     for param in model.parameters():
@@ -121,10 +123,14 @@ def _train_worker(config: dict[str, Any]) -> None:
         # early-stopping decision is shared so that all ranks leave together.
         records.append(record)
         stop = _patience_ran_out(baseline, records, job.settings.early_stopping_patience)
-        shared = torch.tensor([record.avg_loss, float(stop and rank == 0)], dtype=torch.float64, device=device)
+        parts = sorted(record.loss_parts or {})
+        shared = torch.tensor([record.avg_loss, float(stop and rank == 0)] + [record.loss_parts[p] for p in parts],
+                              dtype=torch.float64, device=device)
         dist.all_reduce(shared)
         record.avg_loss = float(shared[0]) / world
         stop = bool(shared[1] > 0)
+        if parts:
+            record.loss_parts = {part: float(value) / world for part, value in zip(parts, shared[2:])}
         sessions[-1]["epochs"].append(record.epoch)
         _report_epoch(model, job, records, baseline, sessions, stop, rank)
         if stop:
@@ -133,7 +139,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     try:
         fit(model, [p for p in model.parameters()], local_windows, settings, evaluate,
             after_backward=after_backward, after_step=after_step, on_epoch_end=on_epoch_end, device=device,
-            desc=f"masked fine-tuning rank {rank}", progress=False, start_epoch=start_epoch, baseline_ppl=baseline)
+            desc=f"masked fine-tuning rank {rank}", progress=False, start_epoch=start_epoch, baseline_ppl=baseline,
+            loss_fn=loss_fn)
     except (TrainingDiverged, RaysparseError, MaskViolation) as exc:
         _record_worker_error(job.error_file, exc)
         raise
@@ -141,6 +148,22 @@ def _train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             logger.info("early stop after epoch %d: no improvement for %d epochs", records[-1].epoch,
                         job.settings.early_stopping_patience)
+
+
+def _loss(job: _Job, teacher_ref: Any, model: nn.Module, device: torch.device, world: int) -> LossFn:
+    """Next-token loss, or distillation from a teacher rebuilt here and sharded like the student
+    (so the teacher adds 1/world of its weights to each worker's memory, not all of them)."""
+    if job.teacher is None or teacher_ref is None:
+        return next_token_loss
+    import ray
+
+    teacher = _build_model(job.teacher, ray.get(teacher_ref))
+    teacher.to(device)
+    # The decoder layers, found before sharding: FSDP keeps the modules, so hooks on them still fire.
+    student_layers = list(get_adapter(model).decoder_layers())
+    teacher_layers = list(get_adapter(teacher).decoder_layers())
+    _shard(teacher, device, world)
+    return distillation_loss(teacher, job.teacher.distill, lambda _model: student_layers, teacher_layers)
 
 
 def _patience_ran_out(baseline: float | None, records: list[EpochRecord], patience: int | None) -> bool:
@@ -185,7 +208,7 @@ def _report_epoch(model: nn.Module, job: _Job, records: list[EpochRecord], basel
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{record.epoch:04d}")
 
 
-def _build_model(job: _Job, state: dict[str, torch.Tensor]) -> nn.Module:
+def _build_model(job: "_Job | TeacherJob", state: dict[str, torch.Tensor]) -> nn.Module:
     """The caller's model class from its config, weights from `state`; no random init."""
     with _no_init_weights():
         model = job.model_cls(job.model_config)
