@@ -1,0 +1,130 @@
+"""Benchmark recovery by distillation: plain next-token vs `logits` vs `squarehead`.
+
+Run on demand (not part of the test suite):
+
+    python tests/benchmarks/bench_distill.py [--models tiny,stories260K] [--targets 0.5,0.8]
+
+For each model, target and pruning recipe (iterative magnitude with masked recovery;
+one-shot Wanda with masked recovery), every recovery loss trains the same number of steps;
+then plain recovery runs once more with as many epochs as fit in the slowest distillation
+run's recovery time ("equal wall-clock": the teacher's forward passes are what
+distillation pays). Validation perplexity is what a search would decide on; test
+perplexity is reported beside it. Each row is one `run_trial` in this process, so times
+compare directly. Writes results/bench_distill.json and .md beside this file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raysparse.config import TrialConfig
+from raysparse.trial.runner import run_trial
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[2] / "shared" / "data"
+TRAIN = dict(recovery="masked", lr=1e-3, batch_size=8, train_samples=64, max_steps=8, epochs_per_iteration=2,
+             eval_max_windows=30)
+RECIPES = {"iterative magnitude p=0.4": dict(method="magnitude", schedule="iterative", prune_percentage=0.4),
+           "one-shot wanda": dict(method="wanda", nsamples=32)}
+LOSSES = {"next-token": dict(distill="none"),
+          "logits T=2": dict(distill="logits", distill_temperature=2.0, distill_weight=1.0),
+          "squarehead": dict(distill="squarehead", distill_weight=1.0)}
+
+
+def model_cases(names: list[str]) -> list[dict]:
+    """The model and its three texts (train/calibration, validation, test), disjoint."""
+    cases = []
+    for name in names:
+        if name == "tiny":
+            cases.append({"name": "tiny", "model": "tiny"})
+        elif name == "stories260K":
+            model_dir, text_file = SHARED / "stories260K" / "hf", SHARED / "tinystories_valid" / "tinystories_val.txt"
+            if not model_dir.exists():
+                print(f"skipping stories260K: {model_dir} absent")
+                continue
+            text, split = text_file.read_text(encoding="utf-8"), Path(tempfile.mkdtemp(prefix="raysparse-bench-"))
+            quarter = len(text) // 4
+            for part, piece in (("train", text[: 2 * quarter]), ("val", text[2 * quarter: 3 * quarter]),
+                                ("test", text[3 * quarter:])):
+                (split / f"{part}.txt").write_text(piece, encoding="utf-8")
+            cases.append({"name": "stories260K", "model": str(model_dir), "calib_data": str(split / "train.txt"),
+                          "val_data": str(split / "val.txt"), "eval_data": str(split / "test.txt"), "seqlen": 256,
+                          "eval_seqlen": 256})
+        else:
+            cases.append({"name": name, "model": name})
+    return cases
+
+
+def run_row(case: dict, target: float, recipe: str, loss: str, overrides: dict) -> dict:
+    settings = {k: v for k, v in case.items() if k != "name"}
+    config = TrialConfig(**{"sparsity": str(target), **settings, **TRAIN, **RECIPES[recipe], **overrides})
+    start = time.perf_counter()
+    summary = run_trial(config).summary
+    wall = time.perf_counter() - start
+    history = summary["history"]
+    return {"model": case["name"], "target": target, "recipe": recipe, "loss": loss,
+            "epochs_per_iteration": config.epochs_per_iteration, "iterations": summary["iterations"],
+            "sparsity": round(summary["sparsity_measured"], 4), "val_ppl": round(summary["val"]["ppl_final"], 3),
+            "test_ppl": round(summary["ppl_final"], 3), "test_ppl_dense": round(summary["ppl_dense"], 3),
+            "train_steps": summary["train_steps_total"],
+            "recover_s": round(summary["timings_s"].get("recover", 0.0), 2),
+            "teacher_s": round(sum((r.get("distill") or {}).get("teacher_s") or 0.0 for r in history), 2),
+            "load_teacher_s": round(summary["timings_s"].get("load_teacher", 0.0), 2), "wall_s": round(wall, 2)}
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"{meta['machine']}, {meta['date']}, torch {meta['torch']}. Recovery: masked, "
+             f"{TRAIN['train_samples']} windows, {TRAIN['max_steps']} steps of {TRAIN['batch_size']} per epoch, "
+             f"lr {TRAIN['lr']}. val = validation ppl (decides), test = test ppl (reported).", "",
+             "| model | target | recipe | loss | epochs/iter | val ppl | test ppl (dense) | steps | recover s "
+             "(teacher s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['target']} | {r['recipe']} | {r['loss']} | {r['epochs_per_iteration']} | "
+                     f"{r['val_ppl']} | {r['test_ppl']} ({r['test_ppl_dense']}) | {r['train_steps']} | "
+                     f"{r['recover_s']} ({r['teacher_s']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,stories260K")
+    parser.add_argument("--targets", default="0.5,0.8")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    rows: list[dict] = []
+    for case in model_cases(args.models.split(",")):
+        for target in (float(t) for t in args.targets.split(",")):
+            for recipe in args.recipes.split(","):
+                same_steps = [run_row(case, target, recipe, loss, overrides) for loss, overrides in LOSSES.items()]
+                rows += same_steps
+                for row in same_steps:
+                    print(json.dumps(row), flush=True)
+                # Plain recovery given the slowest distillation run's recovery time.
+                plain, slowest = same_steps[0], max(same_steps[1:], key=lambda r: r["recover_s"])
+                epochs = max(TRAIN["epochs_per_iteration"],
+                             round(TRAIN["epochs_per_iteration"] * slowest["recover_s"] / max(plain["recover_s"], 1e-6)))
+                row = run_row(case, target, recipe, f"next-token, equal wall-clock to {slowest['loss']}",
+                              dict(distill="none", epochs_per_iteration=epochs))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        if "val_data" in case:  # the split texts of a shared-data model
+            shutil.rmtree(Path(case["val_data"]).parent, ignore_errors=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
+            "torch": torch.__version__, "command": "python tests/benchmarks/bench_distill.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_distill.json").write_text(json.dumps({"meta": meta, "train": TRAIN, "rows": rows}, indent=2))
+    (args.out / "bench_distill.md").write_text(to_markdown(rows, meta))
+    print(to_markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
