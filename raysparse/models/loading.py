@@ -34,6 +34,12 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
     if not (path / "config.json").is_file():
         raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder")
+    try:
+        json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise ModelError(f"{name_or_path}/config.json is not valid JSON ({reason}): restore it from the model's "
+                         "source (save_pretrained or the hub) or point --model at another folder") from None
     weight_files = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
                     for p in path.glob(pattern)]
     if not weight_files:
@@ -87,9 +93,10 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as exc:
+        local = Path(name_or_path).expanduser().is_dir()
         raise ModelError(
-            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]} "
-            "(no network? pass a local model folder with --model PATH)"
+            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}"
+            + ("" if local else " (no network? pass a local model folder with --model PATH)")
         ) from None
     except ValueError as exc:
         raise ModelError(f"cannot read the config of '{name_or_path}': {str(exc).splitlines()[0]}") from None

@@ -18,13 +18,13 @@ from typing import Any
 
 from raysparse.cluster.preflight import check_address_reachable, check_shared_storage
 from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
-from raysparse.data.sources import NAMED_DATASETS
+from raysparse.data.text import NAMED_DATASETS
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
 from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
 from raysparse.search.searcher import _make_scheduler, _make_searcher
-from raysparse.search.settings import CACHE_STATS_FILE, SEARCH_STATE_FILE, SearchSettings
+from raysparse.search.settings import CACHE_STATS_FILE, SEARCH_STATE_FILE, SearchSettings, parse_search_state
 from raysparse.search.space import SearchSpace
 from raysparse.search.space_file import load_space, parse_space
 from raysparse.search.trainable import search_trainable
@@ -122,12 +122,11 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         else:
             experiment = Path(resume).resolve()
             state_file = experiment / SEARCH_STATE_FILE
-            text = state_file.read_text() if state_file.is_file() else None
+            text = state_file.read_bytes().decode("utf-8", errors="replace") if state_file.is_file() else None
         if text is None:
             raise ConfigError(f"{resume} is not a raysparse search folder (no {SEARCH_STATE_FILE})")
-        saved = json.loads(text)
-        settings = SearchSettings(**saved["settings"]).validate()
-        space = parse_space(saved["space"], source=saved["space"].get("source"))
+        settings, recorded = parse_search_state(text, f"{resume.rstrip('/')}/{SEARCH_STATE_FILE}")
+        space = parse_space(recorded, source=recorded.get("source"))
     else:
         settings.validate()
         space = load_space(settings.space)
