@@ -18,9 +18,11 @@ from typing import Any
 
 from raysparse.cluster.preflight import check_address_reachable, check_shared_storage
 from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
+from raysparse.config import TrialConfig
 from raysparse.data.text import NAMED_DATASETS
-from raysparse.errors import ConfigError
+from raysparse.errors import ConfigError, Interrupted
 from raysparse.paths import write_json_atomic
+from raysparse.search.console import legacy_table, stop_gracefully_on_ctrl_c, trial_table, tune_statuses
 from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
 from raysparse.search.searcher import _make_scheduler, _make_searcher
@@ -96,6 +98,22 @@ def _check_resources(settings: SearchSettings, space: SearchSpace) -> None:
         )
 
 
+def build_presets_first(space: SearchSpace) -> None:
+    """Build the `tiny` preset here, in the driver, before Ray starts, when the space uses it
+    and the cache lacks it: announced in one line, with the build's own progress bar, instead
+    of minutes of RUNNING trials with no metrics while each trial waits on the build."""
+    from raysparse.models.tiny import TINY_PRESET_NAME, ensure_tiny_model, tiny_model_is_built
+
+    spec = space.params.get("model")
+    models = list(spec.choices) if spec is not None and spec.kind == "choice" else [
+        space.fixed.get("model", TrialConfig().model)]
+    if TINY_PRESET_NAME not in models or tiny_model_is_built():
+        return
+    print(f"building the '{TINY_PRESET_NAME}' preset once, before the search starts (about two minutes on "
+          "CPU; it is cached for every later run)", flush=True)
+    ensure_tiny_model()
+
+
 def _storage_root(settings: SearchSettings) -> str:
     if is_uri(settings.storage):
         check_writable(settings.storage)
@@ -138,18 +156,23 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
             experiment = _local_mirror(remote)
         else:
             experiment = Path(root) / name
-    _connect(settings)
-    _check_resources(settings, space)
-    if remote is None:
-        check_shared_storage(str(experiment.parent))
-    if not settings.cache:
-        return _run_tuner(settings, space, experiment, remote, resume, None, None)
-    stats_dir = _stats_cache_location(remote, experiment)
-    coordinator = start_coordinator(stats_dir, memory_bytes=settings.cache_memory << 20)
     try:
-        return _run_tuner(settings, space, experiment, remote, resume, stats_dir, coordinator)
-    finally:  # its values leave the object store; storage keeps them for the next search
-        stop_coordinator(coordinator, stats_dir)
+        build_presets_first(space)
+        _connect(settings)
+        _check_resources(settings, space)
+        if remote is None:
+            check_shared_storage(str(experiment.parent))
+        if not settings.cache:
+            return _run_tuner(settings, space, experiment, remote, resume, None, None)
+        stats_dir = _stats_cache_location(remote, experiment)
+        coordinator = start_coordinator(stats_dir, memory_bytes=settings.cache_memory << 20)
+        try:
+            return _run_tuner(settings, space, experiment, remote, resume, stats_dir, coordinator)
+        finally:  # its values leave the object store; storage keeps them for the next search
+            stop_coordinator(coordinator, stats_dir)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's loop
+        state = resume or remote or (str(experiment) if (experiment / SEARCH_STATE_FILE).is_file() else None)
+        raise Interrupted(state) from None
 
 
 def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, remote: str | None,
@@ -182,11 +205,18 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
             run_config=tune.RunConfig(
                 name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                progress_reporter=trial_table(space, settings), verbose=1),
         )
-    grid = tuner.fit()
+    with stop_gracefully_on_ctrl_c() as interrupted, legacy_table():
+        grid = tuner.fit()
     study = _live_study(searcher)
-    report = summarise_results(grid, space, settings, experiment, study)
+    report = summarise_results(grid, space, settings, experiment, study,
+                               statuses=tune_statuses(grid) if interrupted.is_set() else None)
+    if interrupted.is_set():  # Tune saved the experiment's state: hand the resume command up
+        if remote:
+            upload_dir(experiment, remote)
+        raise Interrupted(remote or str(experiment), report)
     report["final_eval"] = evaluate_chosen(report, space, settings, experiment, stats_dir)
     if coordinator is not None:  # what was computed, served and held, kept beside the results
         report["cache"] = ray.get(coordinator.get_stats.remote())
