@@ -12,6 +12,7 @@ from typing import Sequence
 
 from raysparse.cli.common import EXIT_INTERRUPTED, fail
 from raysparse.cli.flags import add_settings, given_settings
+from raysparse.cluster.preflight import check_address_reachable
 from raysparse.errors import Interrupted, RaysparseError
 from raysparse.search.settings import SearchSettings, check_local_resume
 
@@ -53,6 +54,8 @@ def search_main(argv: Sequence[str] | None = None) -> int:
             check_local_resume(args.resume)
         else:
             settings.validate()
+            if settings.address:  # a TCP connect: refused in a second, before Ray is imported
+                check_address_reachable(settings.address)
         from raysparse.search.results import format_report
         from raysparse.search.runner import run_search
 

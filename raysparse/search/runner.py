@@ -16,7 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raysparse.cluster.preflight import check_address_reachable, check_shared_storage
+from raysparse.cluster.preflight import (
+    check_address_reachable,
+    check_shared_storage,
+    send_token_like_auto,
+    token_refused_hint,
+)
 from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
 from raysparse.config import TrialConfig
 from raysparse.data.text import NAMED_DATASETS
@@ -49,12 +54,18 @@ def _connect(settings: SearchSettings) -> None:
         return
     if settings.address:
         check_address_reachable(settings.address)  # ray.init would hang for minutes on a dead address
+    from ray.exceptions import AuthenticationError
+
+    sent_token = send_token_like_auto(settings.address)
     try:
         if settings.address:
             ray.init(address=settings.address, log_to_driver=False)
         else:
             ray.init(log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
+        hint = token_refused_hint(settings.address, sent_token)  # the port answered (checked above)
+        if hint is not None:
+            raise ConfigError(hint) from None
         raise ConfigError(
             f"cannot connect to a Ray cluster at '{settings.address}': {str(exc).splitlines()[0]} "
             "(start one with `ray start --head` or drop --address to run locally)"
