@@ -67,6 +67,8 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
         }
         rows.append(row)
         frame = result.metrics_dataframe
+        if frame is not None and "replayed" in frame:  # a resumed trial's replayed reports, once is enough
+            frame = frame[frame["replayed"].isna() | (frame["replayed"] == False)]  # noqa: E712 - pandas
         if frame is not None and "sparsity" in frame:
             histories[row["trial_id"]] = frame[["sparsity", "val_ppl"]].dropna().to_dict("records")
     write_tables(rows, experiment)
