@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,22 @@ def test_the_prune_script_refuses_a_missing_config_before_importing_torch(tmp_pa
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.json'}"
     assert took < UP_FRONT_S and not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_refuses_an_uncached_model_at_once(tmp_path):  # item 11
+    """No half a minute of retries, no warning printed twice: one line, before torch is imported."""
+    with socket.socket() as sock:  # a port nothing listens on: the hub is unreachable, network or not
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "prune.py"), "--model", "facebook/opt-125m", "-q",
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+                               "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2 and time.perf_counter() - started < UP_FRONT_S
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face hub"), proc.stderr
+    assert "not in the local cache" in lines[0] and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("output", ["/proc/raysparse-x", "FILE/sub"])

@@ -5,7 +5,7 @@ import argparse
 import logging
 from typing import Any, Sequence
 
-from raysparse.cli.common import EXIT_INTERRUPTED, fail
+from raysparse.cli.common import EXIT_INTERRUPTED, fail, setup_logging
 from raysparse.cli.flags import add_settings, given_settings
 from raysparse.cli.format import format_iteration, format_prune_report
 from raysparse.config import PruneConfig
@@ -47,8 +47,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 def prune_main(argv: Sequence[str] | None = None) -> int:
     args = build_prune_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     config: PruneConfig | None = None
     try:
         # Everything that needs no model is checked before torch is even imported.

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Sequence
 
-from raysparse.cli.common import EXIT_INTERRUPTED, fail
+from raysparse.cli.common import EXIT_INTERRUPTED, fail, setup_logging
 from raysparse.cli.flags import add_settings, given_settings
 from raysparse.cluster.preflight import check_address_reachable
 from raysparse.errors import Interrupted, RaysparseError
@@ -33,7 +33,7 @@ def build_search_parser() -> argparse.ArgumentParser:
 
 def search_main(argv: Sequence[str] | None = None) -> int:
     args = build_search_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
 
     values = given_settings(args, SearchSettings)
     if args.plan:

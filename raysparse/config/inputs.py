@@ -7,13 +7,22 @@ Nothing here writes a file that stays.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from raysparse.data.text import NAMED_DATASETS, sniff_text_file
 from raysparse.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+HUB_DATASETS = ("wikitext2", "c4", "ptb")  # named datasets that come from the hub (pydoc ships with Python)
+
+HUB_PROBE_TIMEOUT_S = 3.0
 
 DATA_FLAGS = {"calib_data": "--calib-data", "eval_data": "--eval-data", "val_data": "--val-data",
               "train_data": "--train-data"}
@@ -32,6 +41,48 @@ def check_inputs(config: Any) -> None:
             raise DataError(f"{flag}: {exc}") from None
     if config.importance_config:
         read_importance_file(config.importance_config, config.model)
+    check_hub(config)
+
+
+def is_hub_id(model: str) -> bool:
+    """A hub id such as facebook/opt-125m, not the preset or a local folder."""
+    if model == "tiny":
+        return False
+    path = Path(model).expanduser()
+    return not (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1)
+
+
+def check_hub(config: Any) -> None:
+    """When the model or a dataset comes from the Hugging Face hub and the hub cannot be
+    reached, go offline at once instead of half a minute of retries (and every retry's
+    warning): cached files still load; a model that is not cached is refused here.
+
+    The offline switches are read when huggingface_hub / datasets are imported, so this
+    helps a process that has not imported them yet (launch/prune.py checks before it does).
+    """
+    data = [getattr(config, name) for name in DATA_FLAGS]
+    if config.model != "tiny":  # the defaults of a real model are c4 and wikitext2
+        data += ["c4", "wikitext2"]
+    needs_hub = is_hub_id(config.model) or any(value in HUB_DATASETS for value in data)
+    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    logger.info("the Hugging Face hub (%s:%d) cannot be reached (%s): using cached files only", host, port, reason)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if is_hub_id(config.model):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(config.model, "config.json"), str):
+            raise ConfigError(f"cannot reach the Hugging Face hub ({host}:{port}: {reason}) and model "
+                              f"'{config.model}' is not in the local cache: pass a local model folder with "
+                              "--model PATH, or run where the hub is reachable")
 
 
 def check_output_dir(output: str | None) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from raysparse.config.inputs import is_hub_id
 from raysparse.errors import ModelError
 from raysparse.models.adapters import SHRUNK_PREFIX, ModelAdapter, adapter_class_for, count_params, get_adapter
 from raysparse.models.tiny import TINY_PRESET_NAME, ensure_tiny_model
@@ -27,8 +28,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY_PRESET_NAME:
         return str(ensure_tiny_model())
     path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if not looks_local:
+    if is_hub_id(name_or_path):
         return name_or_path  # a hub id such as facebook/opt-125m
     if not path.is_dir():
         raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
