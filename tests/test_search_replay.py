@@ -63,3 +63,43 @@ def test_a_resumed_trial_reports_every_milestone_once_with_the_same_values(tiny_
     assert resumed[0]["resumed_after"] == 1 and resumed[0]["attempt"] == 2
     for before, after in zip(straight, resumed):
         assert after["val_ppl"] == pytest.approx(before["val_ppl"], rel=1e-5)
+
+
+def test_asha_rungs_survive_a_driver_kill(tmp_path):
+    """The rungs are read back by the restored scheduler: a trial reaching a milestone after
+    the restore meets the cutoff the trials finished before the kill set, as it would have
+    without the kill (Tune restores the searcher's state, not the scheduler's)."""
+    import ray.cloudpickle as pickle  # as Tune pickles tuner.pkl
+
+    from raysparse.search.searcher import _make_scheduler
+    from raysparse.search.settings import SearchSettings
+
+    def trial(name):
+        return SimpleNamespace(trial_id=name)
+
+    def report(scheduler, name, pct, ppl):
+        return scheduler.on_trial_result(None, trial(name), {"sparsity_pct": pct, "val_ppl": ppl})
+
+    settings = SearchSettings(grace_sparsity_pct=20)
+    state = tmp_path / "asha_state.json"
+    scheduler = _make_scheduler(settings, str(state))
+    pickled = pickle.dumps(scheduler)  # what Tune keeps in tuner.pkl: the scheduler before the search ran
+    for name in "ab":
+        scheduler.on_trial_add(None, trial(name))
+    assert report(scheduler, "a", 20, 11.0) == "CONTINUE" and report(scheduler, "b", 20, 10.0) == "CONTINUE"
+
+    restored = pickle.loads(pickled)  # --resume after a driver kill
+    for name in "abc":
+        restored.on_trial_add(None, trial(name))
+    uninterrupted = pickle.loads(pickle.dumps(scheduler))
+    uninterrupted.on_trial_add(None, trial("c"))
+    # c is worse than both at 20%: stopped, in the uninterrupted run and after the restore alike.
+    assert report(uninterrupted, "c", 20, 12.0) == "STOP"
+    assert report(restored, "c", 20, 12.0) == "STOP"
+    # Without the rungs (Tune's own restore) c would have been the first at the rung and kept.
+    plain = pickle.loads(pickled)
+    plain._state_file = None
+    plain.on_trial_add(None, trial("c"))
+    assert report(plain, "c", 20, 12.0) == "CONTINUE"
+    # A resumed trial's replayed report of a milestone it already reached changes nothing.
+    assert report(restored, "a", 20, 11.0) == "CONTINUE"

@@ -31,7 +31,13 @@ from raysparse.search.console import legacy_table, stop_gracefully_on_ctrl_c, tr
 from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
 from raysparse.search.searcher import _make_scheduler, _make_searcher
-from raysparse.search.settings import CACHE_STATS_FILE, SEARCH_STATE_FILE, SearchSettings, parse_search_state
+from raysparse.search.settings import (
+    ASHA_STATE_FILE,
+    CACHE_STATS_FILE,
+    SEARCH_STATE_FILE,
+    SearchSettings,
+    parse_search_state,
+)
 from raysparse.search.space import SearchSpace
 from raysparse.search.space_file import load_space, parse_space
 from raysparse.search.trainable import search_trainable
@@ -212,7 +218,8 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher,
-                                        scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
+                                        scheduler=_make_scheduler(settings, str(experiment / ASHA_STATE_FILE)),
+                                        num_samples=settings.num_samples),
             run_config=tune.RunConfig(
                 name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),

@@ -19,6 +19,8 @@ BEST_CONFIG_FILE = "best_config.json"
 
 CACHE_STATS_FILE = "cache_stats.json"
 
+ASHA_STATE_FILE = "asha_state.json"  # the early-stopping rungs, read back by --resume
+
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 
 # Objective name -> (metrics, modes). The first is single-objective (ASHA applies).
