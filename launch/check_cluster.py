@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Validate a Ray cluster config offline before `ray up`: `python launch/check_cluster.py cluster.yaml`."""
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,9 +10,14 @@ from raysparse.cluster.config_check import validate_cluster_config
 from raysparse.errors import RaysparseError
 
 if __name__ == "__main__":
-    paths = sys.argv[1:] or ["cluster.yaml"]
+    parser = argparse.ArgumentParser(prog="launch/check_cluster.py",
+                                     description="Validate Ray cluster YAML files offline with Ray's own schema "
+                                                 "before `ray up` (no cloud call is made).")
+    parser.add_argument("paths", nargs="*", default=["cluster.yaml"], metavar="CLUSTER_YAML",
+                        help="cluster config files (default cluster.yaml)")
+    args = parser.parse_args()
     try:
-        for path in paths:
+        for path in args.paths:
             validate_cluster_config(path)
             print(f"{path}: valid")
     except RaysparseError as exc:

@@ -16,3 +16,16 @@ class DataError(RaysparseError):
 
 class ModelError(RaysparseError):
     """A model cannot be found, loaded, or is of an unsupported family."""
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C). Not a RaysparseError: the CLI exits 130, not 2.
+
+    `resume` is the command that continues the run (None when nothing can be resumed);
+    `report` what the run had finished, when it got that far.
+    """
+
+    def __init__(self, resume: str | None, report: dict | None = None) -> None:
+        super().__init__("interrupted")
+        self.resume = resume
+        self.report = report

@@ -5,12 +5,16 @@ import argparse
 import logging
 from typing import Any, Sequence
 
-from raysparse.cli.common import fail
+from raysparse.cli.common import EXIT_INTERRUPTED, fail, setup_logging
 from raysparse.cli.flags import add_settings, given_settings
 from raysparse.cli.format import format_iteration, format_prune_report
 from raysparse.config import PruneConfig
-from raysparse.errors import RaysparseError
-from raysparse.trial.runner import TrialFailed, run_trial
+from raysparse.config.inputs import check_inputs, check_local_workers
+from raysparse.errors import ConfigError, RaysparseError
+
+# Settings an one-shot schedule never reads: given on the command line with --schedule oneshot
+# they would be silently ignored, so they are refused instead.
+ITERATIVE_ONLY = ("prune_percentage", "max_iterations")
 
 
 def build_prune_parser() -> argparse.ArgumentParser:
@@ -26,24 +30,41 @@ def build_prune_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
-    """The --config file's settings (if any), then the flags given on top of them."""
+    """The --config file's settings (if any), then the flags given on top of them; validated,
+    and refused when a flag given would be ignored."""
     values: dict[str, Any] = PruneConfig.from_file(args.config).to_dict() if args.config else {}
-    values.update(given_settings(args, PruneConfig))
-    return PruneConfig.from_dict(values)
+    given = given_settings(args, PruneConfig)
+    values.update(given)
+    config = PruneConfig.from_dict(values).validate()
+    if config.schedule == "oneshot":
+        ignored = [name for name in ITERATIVE_ONLY if name in given]
+        if ignored:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            raise ConfigError(f"{flags} applies to --schedule iterative only; a one-shot schedule prunes to the "
+                              "target at once: add --schedule iterative or drop the flag")
+    return config
 
 
 def prune_main(argv: Sequence[str] | None = None) -> int:
     args = build_prune_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    config: PruneConfig | None = None
     try:
+        # Everything that needs no model is checked before torch is even imported.
         config = config_from_args(args)
+        check_inputs(config)
+        check_local_workers(config)
+        from raysparse.trial.runner import TrialFailed, run_trial
 
-        result = run_trial(config, reporter=lambda record: print(format_iteration(record), flush=True))
-    except TrialFailed as exc:
-        return fail(str(exc), code=1)
+        try:
+            result = run_trial(config, reporter=lambda record: print(format_iteration(record), flush=True))
+        except TrialFailed as exc:
+            return fail(str(exc), code=1)
     except RaysparseError as exc:
         return fail(str(exc))
+    except KeyboardInterrupt:
+        hint = f"; run the same command again to resume from {config.output}" if config is not None and config.output else ""
+        return fail("interrupted" + hint, code=EXIT_INTERRUPTED)
     print(format_prune_report(result.summary))
     if config.output:
         print(f"summary          {config.output}/summary.json")

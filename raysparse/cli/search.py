@@ -1,17 +1,20 @@
-"""`launch/search.py`: flags -> SearchSettings -> run_search (or --plan) -> report."""
+"""`launch/search.py`: flags -> SearchSettings -> run_search (or --plan) -> report.
+
+The settings are validated before Ray, Tune or torch are imported, so a bad flag costs a
+second, not a Ray start-up.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Sequence
 
-from raysparse.cli.common import fail
+from raysparse.cli.common import EXIT_INTERRUPTED, fail, setup_logging
 from raysparse.cli.flags import add_settings, given_settings
-from raysparse.errors import RaysparseError
-from raysparse.search.plan import format_plan, make_plan
-from raysparse.search.results import format_report
-from raysparse.search.runner import run_search
-from raysparse.search.settings import SearchSettings
+from raysparse.cluster.preflight import check_address_reachable
+from raysparse.errors import Interrupted, RaysparseError
+from raysparse.search.settings import SearchSettings, check_local_resume
 
 
 def build_search_parser() -> argparse.ArgumentParser:
@@ -30,7 +33,7 @@ def build_search_parser() -> argparse.ArgumentParser:
 
 def search_main(argv: Sequence[str] | None = None) -> int:
     args = build_search_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
 
     values = given_settings(args, SearchSettings)
     if args.plan:
@@ -38,13 +41,41 @@ def search_main(argv: Sequence[str] | None = None) -> int:
             return fail("--plan plans a new search: drop --resume (a resumed search keeps its recorded settings)")
 
         try:
-            print(format_plan(make_plan(SearchSettings(**values))))
+            settings = SearchSettings(**values).validate()
+            from raysparse.search.plan import format_plan, make_plan
+
+            print(format_plan(make_plan(settings)))
         except RaysparseError as exc:
             return fail(str(exc))
         return 0
     try:
-        report = run_search(SearchSettings(**values), resume=args.resume)
+        settings = SearchSettings(**values)
+        if args.resume:  # a resumed search runs with its recorded settings
+            check_local_resume(args.resume)
+        else:
+            settings.validate()
+            if settings.address:  # a TCP connect: refused in a second, before Ray is imported
+                check_address_reachable(settings.address)
+        from raysparse.search.results import format_report
+        from raysparse.search.runner import run_search
+
+        report = run_search(settings, resume=args.resume)
     except RaysparseError as exc:
         return fail(str(exc))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        return interrupted(exc)
     print(format_report(report))
     return 0
+
+
+def interrupted(exc: BaseException) -> int:
+    """Ctrl-C: what finished (if anything), then the command that resumes the search; exit 130."""
+    if isinstance(exc, Interrupted) and exc.report is not None:
+        from raysparse.search.results import format_report
+
+        print(format_report(exc.report), flush=True)
+    resume = exc.resume if isinstance(exc, Interrupted) else None
+    if resume is None:
+        return fail("interrupted before the search started: nothing to resume", code=EXIT_INTERRUPTED)
+    print(f"interrupted: resume with  python launch/search.py --resume {resume}", file=sys.stderr)
+    return EXIT_INTERRUPTED

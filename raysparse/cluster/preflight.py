@@ -124,3 +124,39 @@ def check_shared_storage(storage_root: str) -> None:
             "files the driver writes there, so their trials' results and checkpoints would be lost; mount one "
             "shared folder (NFS) at the same path on every node, or use one node"
         )
+
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def send_token_like_auto(address: str | None) -> bool:
+    """Make an explicit --address authenticate as `--address auto` does.
+
+    Ray 2.60 turns token authentication on by default (`ray start --head` writes
+    ~/.ray/auth_token). `ray.init(address="auto")` then sends the token it finds by itself,
+    but an explicit address never does, and the cluster refuses the client (InvalidAuthToken,
+    after half a minute of retries). With RAY_AUTH_MODE unset and a token on this machine,
+    token mode is turned on here the way Ray's own `auto` path does it. True when it was.
+    """
+    if not address or address == "auto" or os.environ.get(AUTH_MODE_ENV) is not None:
+        return False
+    try:  # private helper (the one `auto` uses): respects RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # pragma: no cover - another Ray version: the refusal is explained instead
+        return False
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def token_refused_hint(address: str | None, sent_token: bool) -> str | None:
+    """What to do when a reachable cluster refused this client, if a token is the likely cause."""
+    if not address or address == "auto":
+        return None
+    if sent_token or os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
+        return (f"the Ray cluster at '{address}' answers but refused this machine's Ray token: use the "
+                "cluster's (`ray get-auth-token` on the head prints it; put it in RAY_AUTH_TOKEN or "
+                "~/.ray/auth_token here)")
+    return (f"the Ray cluster at '{address}' answers but refused this client: if it uses token "
+            "authentication (Ray's default since 2.60), run with RAY_AUTH_MODE=token and the cluster's "
+            "token (`ray get-auth-token` on the head prints it; RAY_AUTH_TOKEN or ~/.ray/auth_token here)")

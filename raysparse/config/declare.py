@@ -137,7 +137,8 @@ class Setting(Declared):
             raise ConfigError(f"{name} cannot be null: it takes {self.label}")
         if self.base is int and (isinstance(value, bool) or not isinstance(value, int)
                                  or (within is not None and value not in within)):
-            raise ConfigError(f"{name} must be an integer{' ' + within.text if within else ''}, got {value!r}")
+            raise ConfigError(f"{name} must be an integer{' ' + within.text if within else ''}, got {value!r}"
+                              + (f": {self.fix}" if self.fix and isinstance(value, int) else ""))
         if not self.accepts(value):
             raise ConfigError(f"{name} takes {self.label}, got {value!r}")
         if self.choices and isinstance(value, str) and value not in self.choices:

@@ -15,101 +15,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from raysparse.data.pydoc import pydoc_corpus_text
+from raysparse.data.text import NAMED_DATASETS, Role, TextSource, read_local, resolve_source
 from raysparse.errors import DataError
 from raysparse.paths import cache_dir
 
+__all__ = ["NAMED_DATASETS", "Role", "TextSource", "calibration_windows", "load_text", "resolve_source",
+           "token_stream", "tokenizer_fingerprint"]
+
 logger = logging.getLogger(__name__)
-
-Role = Literal["calibration", "validation", "test"]
-
-NAMED_DATASETS = ("wikitext2", "c4", "ptb", "pydoc")
 
 # How many C4 validation documents the SparseGPT/Wanda evaluation uses (our test text);
 # the next as many are the validation text.
 _C4_EVAL_DOCS = 1100
 
 
-@dataclass(frozen=True)
-class TextSource:
-    """A resolved data source: its name/path and which split a role maps to."""
-
-    name: str
-    split: str
-    is_file: bool
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.split})" if not self.is_file else f"file {self.name}"
-
-
-def resolve_source(source: str, role: Role) -> TextSource:
-    """Turn a user's `--calib-data` / `--val-data` / `--eval-data` value into a source, checking files exist."""
-    if role not in ("calibration", "validation", "test"):
-        raise ValueError(f"unknown data role {role!r}")
-    if source in NAMED_DATASETS:
-        split = {"calibration": "train", "validation": "validation", "test": "test"}[role]
-        if source == "c4" and role == "test":
-            split = "validation"  # the papers evaluate C4 on its validation shard
-        if source == "c4" and role == "validation":
-            split = "validation-heldout"
-        return TextSource(source, split, is_file=False)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"data file not found: {source} (give an existing .txt/.jsonl file or one of "
-            f"{', '.join(NAMED_DATASETS)})"
-        )
-    return TextSource(str(path.resolve()), "file", is_file=True)
-
-
 def load_text(source: TextSource) -> str:
     """The raw text of a source, documents joined with blank lines as the reference code does."""
     if source.is_file:
-        return _read_local(Path(source.name))
+        return read_local(Path(source.name))
     if source.name == "pydoc":
         return pydoc_corpus_text(source.split)
     return _load_hub_text(source)
-
-
-def _read_local(path: Path) -> str:
-    if path.suffix in (".jsonl", ".json"):
-        docs = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number} is not valid JSON lines ({exc.msg})") from None
-                docs.append(_document_text(record, path, number))
-        text = "\n\n".join(docs)
-    else:
-        text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-    if not text.strip():
-        raise DataError(f"data file {path} is empty")
-    return text
-
-
-def _document_text(record: object, path: Path, number: int) -> str:
-    if isinstance(record, dict):
-        if isinstance(record.get("text"), str):
-            return record["text"]
-        if isinstance(record.get("prefix"), str) and isinstance(record.get("gold_completion"), str):
-            return record["prefix"] + record["gold_completion"]
-        raise DataError(
-            f"{path}:{number} has no 'text' field (keys: {', '.join(map(str, record))}); "
-            "JSON lines need a 'text' string per line"
-        )
-    if isinstance(record, str):
-        return record
-    raise DataError(f"{path}:{number} is neither a string nor an object with a 'text' field")
 
 
 def _load_hub_text(source: TextSource) -> str:
@@ -175,7 +106,8 @@ def token_stream(tokenizer, source: TextSource, use_cache: bool = True) -> torch
     return ids
 
 
-def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, role: str = "calibration",
+                        flag: str = "--seqlen") -> torch.Tensor:
     """`nsamples` random windows of `seqlen` tokens, the same for the same seed.
 
     Windows are drawn from the token stream of the whole calibration text (documents joined
@@ -183,8 +115,8 @@ def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: 
     """
     if stream.numel() <= seqlen:
         raise DataError(
-            f"the calibration text has {stream.numel()} tokens, fewer than one window of {seqlen}: "
-            "use a larger file or a smaller --seqlen"
+            f"the {role} text has {stream.numel()} tokens, fewer than one window of {seqlen}: "
+            f"use a larger file or a smaller {flag}"
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen, (nsamples,), generator=generator)

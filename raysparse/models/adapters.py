@@ -142,6 +142,11 @@ class ModelAdapter:
         raise NotImplementedError
 
     @classmethod
+    def linear_names(cls) -> set[str]:
+        """Names of the family's linear layers (what LoRA can target), known without loading weights."""
+        return {module.rsplit(".", 1)[-1] for module, *_ in cls.attention_slices + cls.mlp_slices} | {"lm_head"}
+
+    @classmethod
     def num_layers_of(cls, config) -> int:
         """Decoder layer count, read from a bare config (checks layer ranges before loading)."""
         return int(config.num_hidden_layers)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from raysparse.config.inputs import is_hub_id
 from raysparse.errors import ModelError
 from raysparse.models.adapters import SHRUNK_PREFIX, ModelAdapter, adapter_class_for, count_params, get_adapter
 from raysparse.models.tiny import TINY_PRESET_NAME, ensure_tiny_model
@@ -27,13 +28,18 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY_PRESET_NAME:
         return str(ensure_tiny_model())
     path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if not looks_local:
+    if is_hub_id(name_or_path):
         return name_or_path  # a hub id such as facebook/opt-125m
     if not path.is_dir():
         raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
     if not (path / "config.json").is_file():
         raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder")
+    try:
+        json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise ModelError(f"{name_or_path}/config.json is not valid JSON ({reason}): restore it from the model's "
+                         "source (save_pretrained or the hub) or point --model at another folder") from None
     weight_files = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
                     for p in path.glob(pattern)]
     if not weight_files:
@@ -87,9 +93,10 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as exc:
+        local = Path(name_or_path).expanduser().is_dir()
         raise ModelError(
-            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]} "
-            "(no network? pass a local model folder with --model PATH)"
+            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}"
+            + ("" if local else " (no network? pass a local model folder with --model PATH)")
         ) from None
     except ValueError as exc:
         raise ModelError(f"cannot read the config of '{name_or_path}': {str(exc).splitlines()[0]}") from None

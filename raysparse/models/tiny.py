@@ -163,6 +163,12 @@ def _install(built: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def tiny_model_is_built(cache_root: Path | None = None) -> bool:
+    """Is the preset in the cache already (so using it costs no build)?"""
+    root = Path(cache_root) if cache_root is not None else cache_dir()
+    return _is_complete(root / TINY_DIRNAME)
+
+
 def ensure_tiny_model(cache_root: Path | None = None, force: bool = False) -> Path:
     """Return the folder of the tiny preset, building it once if needed.
 

@@ -15,12 +15,18 @@ from raysparse.search.settings import BEST_CONFIG_FILE, OBJECTIVES, RESULTS_CSV,
 from raysparse.search.space import SearchSpace
 
 
-def _trial_status(result, target: float) -> str:
+# Tune's statuses of a trial that had not ended when the search was interrupted.
+_UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
+
+
+def _trial_status(result, target: float, tune_status: str | None = None) -> str:
     if result.error is not None:
         return "error"
     metrics = result.metrics or {}
     if metrics.get("completed"):
         return "completed"
+    if tune_status in _UNFINISHED:
+        return "interrupted"  # the search was stopped (Ctrl-C) while it ran: --resume continues it
     return "stopped"  # cut by the early-stopping scheduler before reaching the target
 
 
@@ -31,13 +37,17 @@ def _live_study(searcher):
 
 
 def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experiment: Path,
-                      study=None) -> dict[str, Any]:
-    """One row per trial (config, metrics, status, error) as CSV + Parquet; the best config as JSON."""
+                      study=None, statuses: list[str] | None = None) -> dict[str, Any]:
+    """One row per trial (config, metrics, status, error) as CSV + Parquet; the best config as JSON.
+
+    `statuses`: Tune's status of each trial (in the grid's order) after an interrupt, so the
+    trials it cut read `interrupted`, not `stopped`.
+    """
 
     metrics_names, modes = OBJECTIVES[settings.objective]
     rows = []
     histories: dict[str, list[dict[str, Any]]] = {}
-    for result in grid:
+    for index, result in enumerate(grid):
         metrics = result.metrics or {}
         params = {k: v for k, v in (result.config or {}).items() if k in space.params}
         try:
@@ -46,7 +56,7 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             target = float("nan")
         row = {
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
-            "status": _trial_status(result, target),
+            "status": _trial_status(result, target, statuses[index] if statuses else None),
             "error": error_reason(result.error) if result.error else None,
             **{f"param_{k}": v for k, v in params.items()},
             **{k: metrics.get(k) for k in ("val_ppl", "val_ppl_dense", "sparsity", "iteration",
@@ -57,6 +67,8 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
         }
         rows.append(row)
         frame = result.metrics_dataframe
+        if frame is not None and "replayed" in frame:  # a resumed trial's replayed reports, once is enough
+            frame = frame[frame["replayed"].isna() | (frame["replayed"] == False)]  # noqa: E712 - pandas
         if frame is not None and "sparsity" in frame:
             histories[row["trial_id"]] = frame[["sparsity", "val_ppl"]].dropna().to_dict("records")
     write_tables(rows, experiment)
@@ -104,9 +116,9 @@ def pareto_front(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[st
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'trial':<16} {'status':<10} {'val_ppl':>10} {'sparsity':>8}  params  "
              "(validation perplexity, what the search decides on; stopped = cut early at a sparsity "
-             "milestone, its ppl is at that sparsity)"]
-    order = {"completed": 0, "stopped": 1, "error": 2}  # a stopped trial's ppl is at a lower sparsity
-    for row in sorted(report["rows"], key=lambda r: (order.get(r["status"], 3), r["val_ppl"] is None,
+             "milestone, its ppl is at that sparsity; interrupted = cut by Ctrl-C, --resume continues it)"]
+    order = {"completed": 0, "stopped": 1, "interrupted": 2, "error": 3}  # a stopped trial's ppl is at a lower sparsity
+    for row in sorted(report["rows"], key=lambda r: (order.get(r["status"], 4), r["val_ppl"] is None,
                                                      r["val_ppl"] or 0)):
         params = " ".join(f"{k[6:]}={_fmt(v)}" for k, v in row.items() if k.startswith("param_"))
         ppl = f"{row['val_ppl']:.4f}" if row["val_ppl"] is not None else "-"

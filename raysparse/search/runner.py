@@ -16,15 +16,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raysparse.cluster.preflight import check_address_reachable, check_shared_storage
+from raysparse.cluster.preflight import (
+    check_address_reachable,
+    check_shared_storage,
+    send_token_like_auto,
+    token_refused_hint,
+)
 from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
-from raysparse.data.sources import NAMED_DATASETS
-from raysparse.errors import ConfigError
+from raysparse.config import TrialConfig
+from raysparse.data.text import NAMED_DATASETS
+from raysparse.errors import ConfigError, Interrupted
 from raysparse.paths import write_json_atomic
+from raysparse.search.console import legacy_table, stop_gracefully_on_ctrl_c, trial_table, tune_statuses
 from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
 from raysparse.search.searcher import _make_scheduler, _make_searcher
-from raysparse.search.settings import CACHE_STATS_FILE, SEARCH_STATE_FILE, SearchSettings
+from raysparse.search.settings import (
+    ASHA_STATE_FILE,
+    CACHE_STATS_FILE,
+    SEARCH_STATE_FILE,
+    SearchSettings,
+    parse_search_state,
+)
 from raysparse.search.space import SearchSpace
 from raysparse.search.space_file import load_space, parse_space
 from raysparse.search.trainable import search_trainable
@@ -47,12 +60,18 @@ def _connect(settings: SearchSettings) -> None:
         return
     if settings.address:
         check_address_reachable(settings.address)  # ray.init would hang for minutes on a dead address
+    from ray.exceptions import AuthenticationError
+
+    sent_token = send_token_like_auto(settings.address)
     try:
         if settings.address:
             ray.init(address=settings.address, log_to_driver=False)
         else:
             ray.init(log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
+        hint = token_refused_hint(settings.address, sent_token)  # the port answered (checked above)
+        if hint is not None:
+            raise ConfigError(hint) from None
         raise ConfigError(
             f"cannot connect to a Ray cluster at '{settings.address}': {str(exc).splitlines()[0]} "
             "(start one with `ray start --head` or drop --address to run locally)"
@@ -96,6 +115,22 @@ def _check_resources(settings: SearchSettings, space: SearchSpace) -> None:
         )
 
 
+def build_presets_first(space: SearchSpace) -> None:
+    """Build the `tiny` preset here, in the driver, before Ray starts, when the space uses it
+    and the cache lacks it: announced in one line, with the build's own progress bar, instead
+    of minutes of RUNNING trials with no metrics while each trial waits on the build."""
+    from raysparse.models.tiny import TINY_PRESET_NAME, ensure_tiny_model, tiny_model_is_built
+
+    spec = space.params.get("model")
+    models = list(spec.choices) if spec is not None and spec.kind == "choice" else [
+        space.fixed.get("model", TrialConfig().model)]
+    if TINY_PRESET_NAME not in models or tiny_model_is_built():
+        return
+    print(f"building the '{TINY_PRESET_NAME}' preset once, before the search starts (about two minutes on "
+          "CPU; it is cached for every later run)", flush=True)
+    ensure_tiny_model()
+
+
 def _storage_root(settings: SearchSettings) -> str:
     if is_uri(settings.storage):
         check_writable(settings.storage)
@@ -122,12 +157,11 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         else:
             experiment = Path(resume).resolve()
             state_file = experiment / SEARCH_STATE_FILE
-            text = state_file.read_text() if state_file.is_file() else None
+            text = state_file.read_bytes().decode("utf-8", errors="replace") if state_file.is_file() else None
         if text is None:
             raise ConfigError(f"{resume} is not a raysparse search folder (no {SEARCH_STATE_FILE})")
-        saved = json.loads(text)
-        settings = SearchSettings(**saved["settings"]).validate()
-        space = parse_space(saved["space"], source=saved["space"].get("source"))
+        settings, recorded = parse_search_state(text, f"{resume.rstrip('/')}/{SEARCH_STATE_FILE}")
+        space = parse_space(recorded, source=recorded.get("source"))
     else:
         settings.validate()
         space = load_space(settings.space)
@@ -139,18 +173,23 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
             experiment = _local_mirror(remote)
         else:
             experiment = Path(root) / name
-    _connect(settings)
-    _check_resources(settings, space)
-    if remote is None:
-        check_shared_storage(str(experiment.parent))
-    if not settings.cache:
-        return _run_tuner(settings, space, experiment, remote, resume, None, None)
-    stats_dir = _stats_cache_location(remote, experiment)
-    coordinator = start_coordinator(stats_dir, memory_bytes=settings.cache_memory << 20)
     try:
-        return _run_tuner(settings, space, experiment, remote, resume, stats_dir, coordinator)
-    finally:  # its values leave the object store; storage keeps them for the next search
-        stop_coordinator(coordinator, stats_dir)
+        build_presets_first(space)
+        _connect(settings)
+        _check_resources(settings, space)
+        if remote is None:
+            check_shared_storage(str(experiment.parent))
+        if not settings.cache:
+            return _run_tuner(settings, space, experiment, remote, resume, None, None)
+        stats_dir = _stats_cache_location(remote, experiment)
+        coordinator = start_coordinator(stats_dir, memory_bytes=settings.cache_memory << 20)
+        try:
+            return _run_tuner(settings, space, experiment, remote, resume, stats_dir, coordinator)
+        finally:  # its values leave the object store; storage keeps them for the next search
+            stop_coordinator(coordinator, stats_dir)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's loop
+        state = resume or remote or (str(experiment) if (experiment / SEARCH_STATE_FILE).is_file() else None)
+        raise Interrupted(state) from None
 
 
 def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, remote: str | None,
@@ -179,15 +218,23 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher,
-                                        scheduler=_make_scheduler(settings), num_samples=settings.num_samples),
+                                        scheduler=_make_scheduler(settings, str(experiment / ASHA_STATE_FILE)),
+                                        num_samples=settings.num_samples),
             run_config=tune.RunConfig(
                 name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                progress_reporter=trial_table(space, settings), verbose=1),
         )
-    grid = tuner.fit()
+    with stop_gracefully_on_ctrl_c() as interrupted, legacy_table():
+        grid = tuner.fit()
     study = _live_study(searcher)
-    report = summarise_results(grid, space, settings, experiment, study)
+    report = summarise_results(grid, space, settings, experiment, study,
+                               statuses=tune_statuses(grid) if interrupted.is_set() else None)
+    if interrupted.is_set():  # Tune saved the experiment's state: hand the resume command up
+        if remote:
+            upload_dir(experiment, remote)
+        raise Interrupted(remote or str(experiment), report)
     report["final_eval"] = evaluate_chosen(report, space, settings, experiment, stats_dir)
     if coordinator is not None:  # what was computed, served and held, kept beside the results
         report["cache"] = ray.get(coordinator.get_stats.remote())

@@ -1,6 +1,11 @@
 """The searcher (Optuna TPE / NSGA-II / random through OptunaSearch) and the ASHA scheduler."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
+from raysparse.paths import write_json_atomic
 from raysparse.search.settings import OBJECTIVES, SearchSettings
 from raysparse.search.space import SearchSpace
 
@@ -79,12 +84,67 @@ def _make_searcher(space: SearchSpace, settings: SearchSettings):
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
 
 
-def _make_scheduler(settings: SearchSettings):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def persistent_asha_class():
+    """ASHA whose rungs survive a driver kill: kept in a JSON file beside the experiment.
+
+    Tune saves the searcher's state with the experiment but not the scheduler's: a restored
+    search started with empty rungs, so the trials finished before the kill no longer set
+    the cutoffs and the same trial could be kept or stopped differently than in an
+    uninterrupted run. The rungs are written after every change and read back the first
+    time the restored scheduler is used (a repeated milestone of a trial is ignored by ASHA,
+    so a resumed trial's replayed reports do not count twice).
+    """
+    from ray.tune.schedulers import ASHAScheduler
+
+    class PersistentASHA(ASHAScheduler):
+        def __init__(self, state_file: str | None = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._state_file = state_file
+            self._loaded = False
+
+        def _load(self) -> None:
+            if self._loaded or self._state_file is None:
+                return
+            self._loaded = True
+            try:
+                saved = json.loads(Path(self._state_file).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return  # a new search, or no rung was reached before the kill
+            for bracket, rungs in zip(self._brackets, saved.get("rungs", [])):
+                for (_, recorded), kept in zip(bracket._rungs, rungs):
+                    recorded.update(kept)
+            self._num_stopped = int(saved.get("num_stopped", 0))
+
+        def _save(self) -> None:
+            if self._state_file is not None:
+                write_json_atomic(Path(self._state_file), {
+                    "rungs": [[recorded for _, recorded in bracket._rungs] for bracket in self._brackets],
+                    "num_stopped": self._num_stopped})
+
+        def on_trial_add(self, tune_controller, trial) -> None:
+            self._load()
+            super().on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            self._load()
+            action = super().on_trial_result(tune_controller, trial, result)
+            self._save()
+            return action
+
+        def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+            self._load()
+            super().on_trial_complete(tune_controller, trial, result)
+            self._save()
+
+    return PersistentASHA
+
+
+def _make_scheduler(settings: SearchSettings, state_file: str | None = None):
+    from ray.tune.schedulers import FIFOScheduler
 
     metrics, modes = OBJECTIVES[settings.objective]
     if not settings.early_stopping or len(metrics) > 1:
         return FIFOScheduler()
     # max_t above any sparsity_pct: ASHA must never cut a trial for "running out of time".
-    return ASHAScheduler(time_attr=MILESTONE, metric=metrics[0], mode=modes[0], max_t=101,
-                         grace_period=settings.grace_sparsity_pct, reduction_factor=2)
+    return persistent_asha_class()(state_file=state_file, time_attr=MILESTONE, metric=metrics[0], mode=modes[0],
+                                   max_t=101, grace_period=settings.grace_sparsity_pct, reduction_factor=2)

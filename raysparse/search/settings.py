@@ -1,11 +1,12 @@
 """How a search runs (objective, samples, concurrency, storage); what it searches is the space."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysparse.config import check_settings, setting
+from raysparse.config import check_settings, from_mapping, setting
 from raysparse.errors import ConfigError
 
 SEARCH_STATE_FILE = "raysparse_search.json"
@@ -17,6 +18,8 @@ RESULTS_PARQUET = "results.parquet"
 BEST_CONFIG_FILE = "best_config.json"
 
 CACHE_STATS_FILE = "cache_stats.json"
+
+ASHA_STATE_FILE = "asha_state.json"  # the early-stopping rungs, read back by --resume
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 
@@ -48,12 +51,14 @@ class SearchSettings:
     gpus_per_trial: float = setting(0.0, "GPUs each trial holds", within=">= 0")
     address: str | None = setting(None, "Ray cluster address (e.g. auto)", shown="a local Ray instance")
     storage: str = setting("runs", "folder (or s3://, gs://) for results")
-    name: str | None = setting(None, "experiment name", shown="search-<timestamp>")
+    name: str | None = setting(None, "experiment name: one folder name inside --storage", shown="search-<timestamp>")
     seed: int = setting(0, "searcher seed")
-    max_failures: int = setting(1, "retries per trial")
+    max_failures: int = setting(1, "retries per trial (-1: retry forever)", within=">= -1",
+                                fix="give the retries per failed trial, e.g. 1 (0: none, -1: forever)")
     early_stopping: bool = setting(True, "ASHA stops weak trials at sparsity milestones "
                                    "(--no-early-stopping: every trial runs to the end)")
-    grace_sparsity_pct: int = setting(20, "first ASHA milestone, in percent sparsity")
+    grace_sparsity_pct: int = setting(20, "first ASHA milestone, in percent sparsity", within="[1, 100)",
+                                      fix="it is the sparsity in percent at which ASHA first compares trials, e.g. 20")
     searcher: str = setting("optuna", "optuna (TPE, NSGA-II for two objectives), random (the baseline a "
                             "model-based search must beat) or qmc (a scrambled Sobol design)",
                             choices=("optuna", "random", "qmc"))
@@ -83,4 +88,45 @@ class SearchSettings:
                                                  or self.driver_resource.lower() in ("cpu", "gpu", "memory")):
             raise ConfigError(f"--driver-resource '{self.driver_resource}' must name a custom resource, "
                               "e.g. driver (cluster.yaml gives the head node {\"driver\": 8})")
+        if self.name is not None:
+            check_experiment_name(self.name)
         return self
+
+
+def check_experiment_name(name: str) -> None:
+    """--name is one folder inside --storage: no separators, no '..', nothing that leaves it."""
+    if (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip()
+            or any(not ch.isprintable() for ch in name)):
+        raise ConfigError(f"--name {name!r} must be one folder name inside --storage (no '/', '..' or "
+                          "spaces around it): e.g. --name wanda-sweep, and --storage for where it goes")
+
+
+def parse_search_state(text: str, where: str) -> tuple[SearchSettings, dict[str, Any]]:
+    """The settings and the space recorded in a search's raysparse_search.json; a one-line
+    ConfigError when the file is not what a search wrote (truncated, edited, another file)."""
+    fix = ("the search cannot be resumed from it: restore the file from a copy, or start a new search "
+           "(the same --seed and --space repeat its trials)")
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where} is corrupt (not JSON: {exc.msg} at line {exc.lineno}); {fix}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict) \
+            or not isinstance(saved.get("space"), dict):
+        raise ConfigError(f"{where} holds no recorded settings and space; {fix}")
+    try:
+        settings = from_mapping(SearchSettings, saved["settings"], source=where).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; {fix}") from None
+    return settings, saved["space"]
+
+
+def check_local_resume(resume: str) -> None:
+    """A local --resume folder holds a readable search state (checked before Ray is imported;
+    object-storage URIs are read by the runner)."""
+    if "://" in resume:
+        return
+    state_file = Path(resume).expanduser() / SEARCH_STATE_FILE
+    if not state_file.is_file():
+        raise ConfigError(f"{resume} is not a raysparse search folder (no {SEARCH_STATE_FILE})")
+    parse_search_state(state_file.read_bytes().decode("utf-8", errors="replace"),
+                       f"{resume.rstrip('/')}/{SEARCH_STATE_FILE}")

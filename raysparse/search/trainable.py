@@ -101,6 +101,13 @@ def _run(config: TrialConfig, output: Path, trial_uri: str) -> None:
     if restored is not None:
         logger.info("trial %s: attempt %d on node %s, resuming after iteration %d", output.name,
                     placement["attempt"], node_id[:12], restored.completed)
+        # Replay the iterations the checkpoint holds, so the scheduler and the searcher see this
+        # trial's whole sequence of milestones, as in an uninterrupted run. A search restored
+        # after a driver kill starts with empty ASHA rungs: without the replay the first
+        # milestones were never recorded and the later reports landed on the wrong rungs. A
+        # scheduler that saw them already (a retry in the same run) ignores a repeated rung.
+        for record in restored.history:
+            tune.report({**_trial_metrics(record), **placement, "replayed": True})
 
     def report(record: dict[str, Any]) -> None:
         folder = checkpoint_of(output, int(record["iteration"]))  # None for the last iteration

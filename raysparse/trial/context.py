@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from raysparse.config import TrialConfig
+from raysparse.config.inputs import check_inputs
 from raysparse.data.overlap import KGRAM, MAX_SHARED, shared_fraction
 from raysparse.data.sources import calibration_windows, resolve_source, token_stream
 from raysparse.errors import DataError, ModelError
@@ -15,7 +16,7 @@ from raysparse.metrics.perplexity import perplexity, window_starts
 from raysparse.metrics.resources import PhaseTimer
 from raysparse.models.loading import LoadedModel, load_model, resolve_device, resolve_model_path
 from raysparse.trial.cache import StatsCache
-from raysparse.trial.settings import ResolvedSettings, check_output_dir, resolve_settings
+from raysparse.trial.settings import ResolvedSettings, resolve_settings
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrialContext:
 
 def _prepare(config: TrialConfig) -> TrialContext:
     config.validate()
-    check_output_dir(config.output)
+    check_inputs(config)
     settings = resolve_settings(config)
     calib_source = resolve_source(settings.calib_data, "calibration")
     test_source = resolve_source(settings.eval_data, "test")
@@ -78,7 +79,7 @@ def _prepare(config: TrialConfig) -> TrialContext:
         calib = importance_calib = taylor_windows = None
         if config.is_structured:
             taylor_windows = calibration_windows(token_stream(loaded.tokenizer, calib_source), config.num_examples,
-                                                 settings.taylor_seqlen, config.seed)
+                                                 settings.taylor_seqlen, config.seed, flag="--max-seq-len")
         elif config.method != "magnitude":
             calib = calibration_windows(token_stream(loaded.tokenizer, calib_source), config.nsamples,
                                         settings.seqlen, config.seed)
@@ -89,7 +90,8 @@ def _prepare(config: TrialConfig) -> TrialContext:
         if train_source is not None:
             # A different seed than calibration, so training does not just replay the calibration windows.
             train_windows = calibration_windows(token_stream(loaded.tokenizer, train_source), config.train_samples,
-                                                settings.train_seqlen, config.seed + 1)
+                                                settings.train_seqlen, config.seed + 1, role="training",
+                                                flag="--train-seqlen")
         others = [("validation", val_source, val_stream)] if val_source is not None else []
         others.append(("calibration", calib_source, token_stream(loaded.tokenizer, calib_source)))
         if train_source is not None:

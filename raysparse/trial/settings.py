@@ -2,13 +2,13 @@
 checked against the model's config before any weights load."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from raysparse.config import DEFAULT_MAX_WINDOW, TrialConfig
-from raysparse.data.sources import NAMED_DATASETS
-from raysparse.errors import ConfigError
+from raysparse.config.inputs import read_importance_file
+from raysparse.data.text import NAMED_DATASETS, resolve_source
+from raysparse.errors import ConfigError, DataError
 from raysparse.models.adapters import adapter_class_for
 from raysparse.models.loading import load_config, resolve_model_path
 from raysparse.models.tiny import TINY_PRESET_NAME
@@ -65,6 +65,27 @@ def resolve_settings(config: TrialConfig) -> ResolvedSettings:
         )
     eval_seqlen = config.eval_seqlen or default_window
     seqlen = config.seqlen or default_window
+    train_seqlen = config.train_seqlen or seqlen
+    adapter = adapter_class_for(model_config.model_type)
+    if config.recovery == "lora":
+        known = adapter.linear_names()
+        missing = [name for name in config.lora_targets if name not in known]
+        if missing:
+            raise ConfigError(f"LoRA target module(s) {', '.join(missing)} not found in the model "
+                              f"({model_config.model_type}); its linear layers are: {', '.join(sorted(known))}")
+    if config.importance_config and config.pruning_strategy != "uniform":
+        recorded = read_importance_file(config.importance_config, config.model)["num_layers"]
+        if recorded != num_layers:
+            raise ConfigError(f"layer importance file {config.importance_config} has {recorded} layers but the "
+                              f"model has {num_layers}: it was computed for another model")
+    windows = [(eval_data, eval_seqlen + 1, "test", "--eval-seqlen"), (val_data, eval_seqlen + 1, "validation",
+                                                                          "--eval-seqlen")]
+    if not config.is_structured and (config.method != "magnitude" or config.pruning_strategy != "uniform"):
+        windows.append((calib_data, seqlen + 1, "calibration", "--seqlen"))
+    if config.recovery != "none":
+        windows.append((config.train_data or calib_data, train_seqlen + 1, "training", "--train-seqlen"))
+    for source, needed, role, flag in windows:
+        check_long_enough(source, needed, role, flag)
     return ResolvedSettings(
         calib_data=calib_data,
         eval_data=eval_data,
@@ -73,7 +94,7 @@ def resolve_settings(config: TrialConfig) -> ResolvedSettings:
         seqlen=seqlen,
         eval_seqlen=eval_seqlen,
         eval_stride=config.eval_stride or eval_seqlen,
-        train_seqlen=config.train_seqlen or seqlen,
+        train_seqlen=train_seqlen,
         context_length=context,
         layer_start=config.layer_start,
         layer_end=layer_end,
@@ -81,14 +102,20 @@ def resolve_settings(config: TrialConfig) -> ResolvedSettings:
     )
 
 
-def check_output_dir(output: str | None) -> None:
-    if output is None:
+def check_long_enough(source: str | None, tokens: int, role: str, flag: str) -> None:
+    """Refuse a local file that cannot hold `tokens` tokens, before any weights load.
+
+    No tokenizer makes more tokens than the text has UTF-8 bytes (plus the BOS/EOS it adds),
+    so a file with fewer bytes is too short for certain; the exact check runs once the text
+    is tokenized.
+    """
+    if source is None or source in NAMED_DATASETS:
         return
-    path = Path(output)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output {output} exists and is not a directory: choose another --output")
-    parent = path if path.exists() else path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output {output} is not writable: choose another --output")
+    path = Path(resolve_source(source, "calibration").name)
+    if path.stat().st_size + 2 >= tokens:  # decoding never shrinks the text: long enough to try (no read)
+        return
+    size = len(path.read_bytes().decode("utf-8", errors="replace").encode("utf-8"))
+    if size + 2 < tokens:
+        window = "evaluation window" if role in ("test", "validation") else "window"
+        raise DataError(f"the {role} text {source} has {size} bytes, fewer than one {window} of {tokens - 1} "
+                        f"tokens: give a longer text or a smaller {flag}")

@@ -1,0 +1,142 @@
+"""Checks of a trial's inputs that need no model and no torch: the output folder can be
+written, every local data file exists and is text, a layer-importance file is readable and
+for this model, distributed workers fit this machine. `launch/prune.py` runs them before it
+imports torch; `run_trial` runs them again (an API caller gets the same one-line errors).
+Nothing here writes a file that stays.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from raysparse.data.text import NAMED_DATASETS, sniff_text_file
+from raysparse.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+HUB_DATASETS = ("wikitext2", "c4", "ptb")  # named datasets that come from the hub (pydoc ships with Python)
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+DATA_FLAGS = {"calib_data": "--calib-data", "eval_data": "--eval-data", "val_data": "--val-data",
+              "train_data": "--train-data"}
+
+
+def check_inputs(config: Any) -> None:
+    """Every file-level check of a TrialConfig (its settings are validated already)."""
+    check_output_dir(config.output)
+    for name, flag in DATA_FLAGS.items():
+        value = getattr(config, name)
+        if value is None or value in NAMED_DATASETS:
+            continue
+        try:
+            sniff_text_file(value)
+        except DataError as exc:
+            raise DataError(f"{flag}: {exc}") from None
+    if config.importance_config:
+        read_importance_file(config.importance_config, config.model)
+    check_hub(config)
+
+
+def is_hub_id(model: str) -> bool:
+    """A hub id such as facebook/opt-125m, not the preset or a local folder."""
+    if model == "tiny":
+        return False
+    path = Path(model).expanduser()
+    return not (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1)
+
+
+def check_hub(config: Any) -> None:
+    """When the model or a dataset comes from the Hugging Face hub and the hub cannot be
+    reached, go offline at once instead of half a minute of retries (and every retry's
+    warning): cached files still load; a model that is not cached is refused here.
+
+    The offline switches are read when huggingface_hub / datasets are imported, so this
+    helps a process that has not imported them yet (launch/prune.py checks before it does).
+    """
+    data = [getattr(config, name) for name in DATA_FLAGS]
+    if config.model != "tiny":  # the defaults of a real model are c4 and wikitext2
+        data += ["c4", "wikitext2"]
+    needs_hub = is_hub_id(config.model) or any(value in HUB_DATASETS for value in data)
+    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    logger.info("the Hugging Face hub (%s:%d) cannot be reached (%s): using cached files only", host, port, reason)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if is_hub_id(config.model):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(config.model, "config.json"), str):
+            raise ConfigError(f"cannot reach the Hugging Face hub ({host}:{port}: {reason}) and model "
+                              f"'{config.model}' is not in the local cache: pass a local model folder with "
+                              "--model PATH, or run where the hub is reachable")
+
+
+def check_output_dir(output: str | None) -> None:
+    """The output folder, or the nearest folder above it that exists, can be written.
+
+    Probed by creating and removing a temporary folder there (os.access says yes to root
+    even on /proc), so an unwritable --output is found before the trial runs, not after.
+    """
+    if output is None:
+        return
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output {output} exists and is not a directory: choose another --output")
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output {output} is inside {parent}, which is not a directory: choose another --output")
+    try:
+        probe = tempfile.mkdtemp(prefix=".raysparse-write-test-", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise ConfigError(f"output {output} cannot be written ({exc.strerror or exc} in {parent}): "
+                          "choose another --output") from None
+
+
+def read_importance_file(path_text: str, model: str) -> dict[str, Any]:
+    """The --importance-config file as a mapping, refused when missing, not JSON or for another model."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--importance-config: layer importance file not found: {path_text}")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise ConfigError(f"--importance-config: {path_text} is not a layer_importance.json ({reason}): "
+                          "point at a file a trial wrote, or drop the flag to compute the importance") from None
+    except OSError as exc:
+        raise ConfigError(f"--importance-config: {path_text} cannot be read ({exc.strerror})") from None
+    if not isinstance(raw, dict) or "model" not in raw or "num_layers" not in raw:
+        raise ConfigError(f"--importance-config: {path_text} is not a layer_importance.json (no model and "
+                          "num_layers fields): point at a file a trial wrote, or drop the flag")
+    if raw["model"] != model:
+        raise ConfigError(f"layer importance file {path_text} is for model '{raw['model']}', not '{model}': "
+                          "recompute it for this model or point at the right file")
+    return raw
+
+
+def check_local_workers(config: Any) -> None:
+    """`launch/prune.py` starts its own Ray for --workers > 1 (unless RAY_ADDRESS names one):
+    more workers than this machine has CPUs would wait for resources forever."""
+    if config.workers <= 1 or config.recovery != "masked" or os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = os.cpu_count() or 1
+    if config.workers > cpus:
+        raise ConfigError(f"--workers {config.workers} needs {config.workers} CPUs (one per worker) but this "
+                          f"machine has {cpus}: lower --workers, or set RAY_ADDRESS to a bigger Ray cluster")
