@@ -9,7 +9,8 @@ Everything that can go wrong with such a file is checked while the config is rea
 any weights, data or Ray: the optional `gguf` package missing (`pip install 'raysparse[gguf]'`),
 an architecture transformers cannot read, a corrupt or truncated file. Each is one line.
 Reading a GGUF header parses its whole tokenizer (tens of thousands of strings, seconds), so
-the config is parsed once per process and file and reused by the model load.
+the config is parsed once per process and file; the first model load converts the file into
+a cached safetensors folder (`gguf_convert.py`) that every later load, and config read, uses.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from raysparse.errors import ModelError
+from raysparse.models.gguf_convert import ensure_converted, existing_conversion
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,9 @@ def load_gguf_config(gguf: GgufFile):
     if key not in _CONFIGS:
         from transformers import AutoConfig
 
+        converted = existing_conversion(gguf.path)
+        if converted is not None:  # this exact file was read (and checked) before
+            return AutoConfig.from_pretrained(converted)
         logger.info("reading GGUF metadata of %s (%.1f MB)", gguf.path, stat.st_size / 1e6)
         try:
             _CONFIGS[key] = AutoConfig.from_pretrained(gguf.folder, gguf_file=gguf.name)
@@ -129,8 +134,8 @@ def _drop_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def load_gguf_model(gguf: GgufFile, torch_dtype: torch.dtype) -> tuple[nn.Module, object]:
-    """Model (every weight dequantised to `torch_dtype`) and tokenizer from one GGUF file."""
+def _read_gguf(gguf: GgufFile, folder: Path) -> None:
+    """Dequantise the file through transformers (float32, exact) and save model + tokenizer to `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # transformers >= 5.x: ask for plain float weights, never packed GGUF blocks
@@ -141,11 +146,23 @@ def load_gguf_model(gguf: GgufFile, torch_dtype: torch.dtype) -> tuple[nn.Module
     config = load_gguf_config(gguf)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.folder, gguf_file=gguf.name, config=config, dtype=torch_dtype, **quantization,
+            gguf.folder, gguf_file=gguf.name, config=config, dtype=torch.float32, **quantization,
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.folder, gguf_file=gguf.name)
     except READ_ERRORS as exc:
         raise _file_error(gguf, exc) from None
     _drop_quantizer(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_gguf_model(gguf: GgufFile, torch_dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """Model (every weight dequantised, then cast to `torch_dtype`) and tokenizer of one GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_gguf_package()
+    folder = ensure_converted(gguf.path, lambda scratch: _read_gguf(gguf, scratch))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     model.config.name_or_path = gguf.path
     return model, tokenizer
