@@ -25,9 +25,13 @@ from raysparse.trial.runner import run_trial
 
 
 @pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Conversions and fingerprints go to a fresh cache, so every fast test reads its GGUF file."""
-    monkeypatch.setenv("RAYSPARSE_CACHE_DIR", str(tmp_path / "cache"))
+def own_cache(request, tmp_path, monkeypatch):
+    """Conversions and fingerprints go to a fresh cache, so every fast test reads its GGUF file.
+
+    The slow test keeps the user's cache: its first run on a machine converts the 135M file
+    (minutes of CPU), later runs load the cached conversion."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("RAYSPARSE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -156,7 +160,10 @@ def test_corrupt_gguf_exits_2_with_one_line_and_writes_nothing(content, text_fil
 
 @pytest.mark.slow
 def test_smollm2_135m_gguf_prunes_end_to_end(smollm2_gguf, text_files, tmp_path):
-    """The real 135M GQA model: architecture, one-shot Wanda 50%, save and reload (about a minute on CPU)."""
+    """The real 135M GQA model: architecture, one-shot Wanda 50%, save and reload.
+
+    Uses the user's raysparse cache: the first run converts the GGUF file once (the reading
+    path itself is covered by the fast tests above), later runs load the cached conversion."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(resolve_model_path(str(smollm2_gguf)))
