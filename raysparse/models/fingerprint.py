@@ -6,7 +6,7 @@ and lost when the folder moves. A local model is identified by the digests of it
 and weight files instead; hashing gigabytes of weights is done once per file and remembered
 by path, size and modification time (under the raysparse cache folder), so a trial pays
 only a stat() per file afterwards. A hub model is identified by its id and the commit it
-resolved to.
+resolved to. A GGUF model is one file holding config, tokenizer and weights: its digest.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _file_digest(path: Path) -> str:
 
 
 def file_digests(folder: Path, memo_dir: Path | None = None) -> dict[str, str]:
-    """sha256 of each model file of `folder`, by name; unchanged files (size, mtime) are not re-read."""
+    """sha256 of each model file of `folder` (or of the one file `folder` names), by name;
+    unchanged files (size, mtime) are not re-read."""
     folder = folder.resolve()
     memo_file = (memo_dir or cache_dir() / "fingerprints") / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:24]}.json"
     try:
@@ -43,7 +44,10 @@ def file_digests(folder: Path, memo_dir: Path | None = None) -> dict[str, str]:
             memo = {}
     except (OSError, ValueError):
         memo = {}
-    files = sorted({p for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
+    if folder.is_file():  # a single-file model (GGUF)
+        files = [folder]
+    else:
+        files = sorted({p for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
     digests: dict[str, str] = {}
     fresh: dict[str, dict[str, object]] = {}
     for path in files:
@@ -64,9 +68,9 @@ def file_digests(folder: Path, memo_dir: Path | None = None) -> dict[str, str]:
 
 
 def model_fingerprint(name_or_path: str, revision: str | None = None, memo_dir: Path | None = None) -> str:
-    """A digest of the model's config and weights (local folder), or of hub id + revision."""
+    """A digest of the model's config and weights (local folder or GGUF file), or of hub id + revision."""
     folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() or folder.is_file():
         payload = {"files": file_digests(folder, memo_dir)}
     else:
         payload = {"hub": name_or_path, "revision": revision or "unresolved"}

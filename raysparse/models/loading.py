@@ -16,24 +16,30 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from raysparse.config.inputs import is_hub_id
 from raysparse.errors import ModelError
-from raysparse.models.adapters import SHRUNK_PREFIX, ModelAdapter, adapter_class_for, count_params, get_adapter
+from raysparse.models.adapters import ModelAdapter, adapter_class_for, count_params, get_adapter
+from raysparse.models.gguf_input import find_gguf, load_gguf_config, load_gguf_model, require_gguf_package
 from raysparse.models.tiny import TINY_PRESET_NAME, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the `tiny` preset to its cached folder; check local folders hold a model."""
+    """Map the `tiny` preset to its cached folder, GGUF input to its file; check local folders hold a model."""
 
     if name_or_path == TINY_PRESET_NAME:
         return str(ensure_tiny_model())
+    gguf = find_gguf(name_or_path)
+    if gguf is not None:
+        require_gguf_package()
+        return gguf.path
     path = Path(name_or_path).expanduser()
     if is_hub_id(name_or_path):
         return name_or_path  # a hub id such as facebook/opt-125m
     if not path.is_dir():
         raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
     if not (path / "config.json").is_file():
-        raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder")
+        raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder "
+                         "or a .gguf file")
     try:
         json.loads((path / "config.json").read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -72,24 +78,14 @@ class LoadedModel:
     path: str
 
 
-def _is_shrunk_folder(name_or_path: str) -> bool:
-    """True for a local folder saved after structured pruning (per-layer sizes in its config)."""
-    config_file = Path(name_or_path).expanduser() / "config.json"
-    if not config_file.is_file():
-        return False
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
-    except (ValueError, OSError):
-        return False
-    return isinstance(model_type, str) and model_type.startswith(SHRUNK_PREFIX)
-
-
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """Load only the config (cheap), so family and context checks run before the weights."""
 
-    if _is_shrunk_folder(name_or_path):
-        pass
-
+    gguf = find_gguf(name_or_path)
+    if gguf is not None:
+        config = load_gguf_config(gguf)
+        adapter_class_for(config.model_type)
+        return config
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -116,11 +112,15 @@ def load_model(
     load_config(path, trust_remote_code)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    gguf = find_gguf(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if gguf is not None:
+            model, tokenizer = load_gguf_model(gguf, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
     model.eval()

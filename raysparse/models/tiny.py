@@ -12,9 +12,7 @@ many processes (Ray trials) ask for it at the same time.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -22,7 +20,6 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,7 @@ from raysparse.models.tiny_pretrain import (
     stream_perplexity,
     train_tokenizer,
 )
-from raysparse.paths import cache_dir, write_json_atomic
+from raysparse.paths import cache_dir, exclusive_lock, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -130,21 +127,6 @@ def _is_complete(folder: Path) -> bool:
     return read_tiny_info(folder) is not None and all((folder / name).is_file() for name in _REQUIRED_FILES)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Block until this process holds the build lock; released on exit or process death."""
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("tiny preset: another process is building it; waiting for %s", lock_path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _remove_stale_builds(root: Path) -> None:
     """Delete scratch folders left by builds that crashed; safe only while holding the lock."""
     for prefix in (f".{TINY_DIRNAME}.building-", f".{TINY_DIRNAME}.old-"):
@@ -184,7 +166,7 @@ def ensure_tiny_model(cache_root: Path | None = None, force: bool = False) -> Pa
     if not force and _is_complete(target):
         return target
 
-    with _exclusive_lock(root / f"{TINY_DIRNAME}.lock"):
+    with exclusive_lock(root / f"{TINY_DIRNAME}.lock", "tiny preset"):
         if not force and _is_complete(target):  # built by another process while we waited
             return target
         _remove_stale_builds(root)
