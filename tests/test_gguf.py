@@ -169,8 +169,8 @@ def test_smollm2_135m_gguf_prunes_end_to_end(smollm2_gguf, text_files, tmp_path)
     config = load_config(resolve_model_path(str(smollm2_gguf)))
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads,
             config.num_key_value_heads, config.vocab_size) == ("llama", 30, 9, 3, 49152)
-    result = run_trial(trial_values(str(smollm2_gguf), text_files, tmp_path, seqlen=128, eval_seqlen=128,
-                                    eval_max_windows=2, dtype="float32", device="cpu"))
+    result = run_trial(trial_values(str(smollm2_gguf), text_files, tmp_path, seqlen=64, eval_seqlen=64,
+                                    eval_max_windows=1, dtype="float32", device="cpu"))
     summary = result.summary
     assert summary["sparsity_measured"] == pytest.approx(0.5, abs=1e-12)
     assert all(math.isfinite(summary[key]) for key in ("ppl_dense", "ppl_pruned"))

@@ -138,10 +138,10 @@ def _read_gguf(gguf: GgufFile, folder: Path) -> None:
     """Dequantise the file through transformers (float32, exact) and save model + tokenizer to `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:  # transformers >= 5.x: ask for plain float weights, never packed GGUF blocks
+    try:  # ask for plain float weights, never packed GGUF blocks (transformers 5.24's GgufConfig)
         from transformers import GgufConfig
         quantization = {"quantization_config": GgufConfig(dequantize=True)}
-    except ImportError:  # older 5.x releases always dequantise
+    except ImportError:  # a release without GgufConfig; assumed (not tested here) to dequantise every weight
         quantization = {}
     config = load_gguf_config(gguf)
     try:
