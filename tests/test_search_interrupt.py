@@ -36,8 +36,8 @@ def test_ctrl_c_exits_130_with_the_resume_command(tiny_preset, tmp_path):
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch" / "search.py"), "--space", str(space), "--num-samples", "2",
-             "--max-concurrent", "2", "--cpus-per-trial", "0.5", "--storage", str(tmp_path / "runs"), "--name", "s",
+            [sys.executable, str(ROOT / "launch" / "search.py"), "--space", str(space), "--num-samples", "1",
+             "--max-concurrent", "1", "--cpus-per-trial", "0.5", "--storage", str(tmp_path / "runs"), "--name", "s",
              "--no-final-eval", "--no-cache", "--no-early-stopping"],
             stdout=stdout, stderr=stderr, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:

@@ -61,8 +61,8 @@ def check_hub(config: Any) -> None:
     helps a process that has not imported them yet (launch/prune.py checks before it does).
     """
     data = [getattr(config, name) for name in DATA_FLAGS]
-    if config.model != "tiny":  # the defaults of a real model are c4 and wikitext2
-        data += ["c4", "wikitext2"]
+    if config.model != "tiny":  # what a real model reads when no file is named: c4 and wikitext2
+        data += [config.calib_data or "c4", config.eval_data or "wikitext2"]
     needs_hub = is_hub_id(config.model) or any(value in HUB_DATASETS for value in data)
     if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
         return
