@@ -6,7 +6,6 @@ never reported, so later reports landed on the wrong rungs."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -141,9 +141,7 @@ def send_token_like_auto(address: str | None) -> bool:
     if not address or address == "auto" or os.environ.get(AUTH_MODE_ENV) is not None:
         return False
     try:  # private helper (the one `auto` uses): respects RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # pragma: no cover - another Ray version: the refusal is explained instead
         return False
     return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

@@ -14,7 +14,6 @@ from raysparse.search.plots import export_study, write_plots
 from raysparse.search.settings import BEST_CONFIG_FILE, OBJECTIVES, RESULTS_CSV, RESULTS_PARQUET, SearchSettings
 from raysparse.search.space import SearchSpace
 
-
 # Tune's statuses of a trial that had not ended when the search was interrupted.
 _UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
