@@ -45,7 +45,7 @@ def actor_classes(actors) -> dict[str, str]:
 
 
 def is_trial_actor(class_name: str) -> bool:
-    return class_name.startswith("ImplicitFunc") or "search_trainable" in class_name
+    return "ImplicitFunc" in class_name or "search_trainable" in class_name
 
 
 def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_preset, tmp_path, monkeypatch):
