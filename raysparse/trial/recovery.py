@@ -78,9 +78,8 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
     """Run the configured recovery; return what the iteration record needs."""
     config = ctx.config
     settings = _train_settings(config, ctx.device)
-    loss_fn, teacher_cost = _loss(ctx) if config.workers == 1 else (None, TeacherCost() if config.distill != "none"
-                                                                     else None)
     if config.recovery == "lora":
+        loss_fn, teacher_cost = _loss(ctx)
 
         adapter_dir = Path(config.output) / "adapters" / f"iter_{iteration:03d}" if config.output else None
         outcome = train_lora(
@@ -107,13 +106,14 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
             use_gpu=ctx.device.type == "cuda",
             teacher=_teacher(ctx) if config.distill != "none" else None, distill=_distill_settings(config),
         )
-        record = _distill_record(ctx, teacher_cost)
+        record = _distill_record(ctx, TeacherCost() if config.distill != "none" else None)
         if record:  # the workers ran the teacher: one forward per batch on every worker, not timed apart
             record["distill"].update(teacher_forwards=sum(e.batches for e in result.epochs) * config.workers,
                                      teacher_s=None, teacher_outputs="recomputed every step, sharded over the "
                                      "workers like the student")
         return {"train": result, "ppl_after_train": result.final_ppl, "workers": config.workers, **record}
 
+    loss_fn, teacher_cost = _loss(ctx)
     result = train_masked(ctx.loaded.model, masks, ctx.train_windows, settings,
                           lambda: ctx.evaluate(desc="perplexity (epoch)"), device=ctx.device,
                           baseline_ppl=ppl_after_prune, loss_fn=loss_fn)
