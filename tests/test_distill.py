@@ -14,6 +14,7 @@ from raysparse.prune import prune_magnitude
 from raysparse.recover.distill import (
     DistillSettings,
     TeacherCost,
+    TeacherOutputCache,
     distillation_loss,
     feature_loss,
     logit_kl,
@@ -115,11 +116,49 @@ def test_an_iterative_trial_distils_from_the_dense_model(recovery, saved_model_d
     summary = result.summary
     assert summary["sparsity_measured"] == pytest.approx(0.6, abs=1 / 64)
     verify_masks(result.loaded.model, result.masks)
+    first, *later = summary["history"]
     for record in summary["history"]:
-        assert record["distill"]["mode"] == "squarehead" and record["distill"]["teacher_forwards"] == record["steps"]
+        distill = record["distill"]
+        assert distill["mode"] == "squarehead" and distill["teacher_forwards"] + distill["teacher_reused"] == record["steps"]
         assert set(record["epochs"][0]["loss_parts"]) == {"next_token", "kl", "feature"}
+        assert distill["teacher_outputs"].startswith("cached per window")
+    # 8 windows in batches of 4: the teacher runs on each window once, in the first iteration.
+    assert first["distill"]["teacher_forwards"] == 2 and later
+    assert all(r["distill"]["teacher_forwards"] == 0 and r["distill"]["teacher_reused"] == 2 for r in later)
     assert "load_teacher" in summary["timings_s"]
     assert json.loads((tmp_path / "trial" / "summary.json").read_text())["config"]["distill"] == "squarehead"
+
+
+def test_cached_teacher_outputs_give_the_same_loss_and_skip_the_teacher():
+    teacher = build_model("llama")
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(2.0)
+    settings = DistillSettings("squarehead", 0.5, 2.0, None)
+    student_layers, teacher_layers = (list(get_adapter(m).decoder_layers()) for m in (student, teacher))
+
+    def loss(cache, batch):
+        cost = TeacherCost()
+        fn = distillation_loss(teacher, settings, lambda _m: student_layers, teacher_layers, cost, cache)
+        with torch.no_grad():
+            total, parts = fn(student, batch)
+        return float(total), parts, cost
+
+    plain = loss(None, BATCH.flip(0))
+    cache = TeacherOutputCache(windows=4, budget_bytes=2**30)
+    loss(cache, BATCH)  # fills the cache: one forward
+    total, parts, cost = loss(cache, BATCH.flip(0))  # the same windows, another order: no forward
+    assert cost.forwards == 0 and cost.reused == 1
+    assert total == pytest.approx(plain[0], rel=1e-6) and parts == pytest.approx(plain[1], rel=1e-6)
+    assert cache.describe(cost).startswith("cached per window")
+    assert loss(cache, WINDOWS[4:8])[2].forwards == 1  # a window not seen yet runs the teacher
+
+    tight = TeacherOutputCache(windows=16, budget_bytes=1024)  # a window's logits alone are larger
+    loss(tight, BATCH)
+    _, _, cost = loss(tight, BATCH)
+    assert cost.forwards == 1 and cost.reused == 0 and not tight.enabled
+    assert "recomputed every step: caching 16 windows needs" in tight.describe(cost)
+    assert "--distill-cache-mb 0" in TeacherOutputCache(4, 0).describe(cost)
 
 
 def test_bad_distillation_settings_are_one_line_errors(saved_model_dir, text_files, tmp_path):

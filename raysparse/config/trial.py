@@ -135,6 +135,9 @@ class TrialConfig:
                                          group=RECOVERY)
     teacher: str | None = setting(None, "the teacher for --distill: a model with the same tokenizer",
                                   shown="the dense model", group=RECOVERY)
+    distill_cache_mb: int = setting(2048, "CPU memory (MiB) for the teacher's outputs per training window, reused "
+                                    "across epochs and iterations instead of re-running the teacher (0: recompute "
+                                    "every step; FSDP workers always recompute)", within=">= 0", group=RECOVERY)
     resume: bool = setting(True, "continue from a checkpoint of this trial in --output (--no-resume: start over)")
     stats_cache: str | None = setting(None, "folder or URI (s3://, gs://, file://) of cached dense-model statistics "
                                       "and pruning results, shared with searches (a search sets it)")

@@ -37,6 +37,7 @@ class TrialContext:
     taylor_windows: torch.Tensor | None = None  # structured pruning's Taylor importance data
     fingerprints: dict[str, str] = field(default_factory=dict)  # content digests of model and data (cache keys)
     teacher: Any = None  # the frozen dense model for distillation, loaded when recovery first needs it
+    teacher_cache: Any = None  # its outputs per training window (TeacherOutputCache), kept for the whole trial
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
         """Perplexity on the validation text: what every decision of the trial reads."""

@@ -11,7 +11,7 @@ import torch
 from raysparse.config import TrialConfig
 from raysparse.models.adapters import get_adapter
 from raysparse.models.loading import load_model
-from raysparse.recover.distill import DistillSettings, TeacherCost, distillation_loss
+from raysparse.recover.distill import DistillSettings, TeacherCost, TeacherOutputCache, distillation_loss
 from raysparse.recover.distributed.driver import EvalSpec, train_masked_distributed
 from raysparse.recover.loop import LossFn, TrainSettings, next_token_loss
 from raysparse.recover.lora import LoraSettings, train_lora
@@ -47,6 +47,13 @@ def _teacher(ctx: TrialContext) -> torch.nn.Module:
     return ctx.teacher
 
 
+def _teacher_cache(ctx: TrialContext) -> TeacherOutputCache:
+    """One cache per trial: the teacher and the training windows stay the same across iterations."""
+    if ctx.teacher_cache is None:
+        ctx.teacher_cache = TeacherOutputCache(len(ctx.train_windows), ctx.config.distill_cache_mb * 2**20)
+    return ctx.teacher_cache
+
+
 def _loss(ctx: TrialContext) -> tuple[LossFn, TeacherCost | None]:
     """The recovery loss: next-token, or distillation from the teacher (with its cost counted)."""
     config = ctx.config
@@ -55,7 +62,7 @@ def _loss(ctx: TrialContext) -> tuple[LossFn, TeacherCost | None]:
     teacher, cost = _teacher(ctx), TeacherCost()
     student_layers = list(get_adapter(ctx.loaded.model).decoder_layers())  # peft wraps inside these modules
     return distillation_loss(teacher, _distill_settings(config), lambda _model: student_layers,
-                             list(get_adapter(teacher).decoder_layers()), cost), cost
+                             list(get_adapter(teacher).decoder_layers()), cost, _teacher_cache(ctx)), cost
 
 
 def _distill_settings(config: TrialConfig) -> DistillSettings:
@@ -70,8 +77,8 @@ def _distill_record(ctx: TrialContext, cost: TeacherCost | None) -> dict[str, An
     return {"distill": {"mode": config.distill, "teacher": config.teacher or "the dense model",
                         "weight": config.distill_weight, "temperature": config.distill_temperature,
                         "layers": config.distill_layers or "all", "teacher_forwards": cost.forwards,
-                        "teacher_s": round(cost.seconds, 3),
-                        "teacher_outputs": "recomputed every step (no cache)"}}
+                        "teacher_reused": cost.reused, "teacher_s": round(cost.seconds, 3),
+                        "teacher_outputs": _teacher_cache(ctx).describe(cost)}}
 
 
 def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: float) -> dict[str, Any]:
@@ -109,8 +116,8 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
         record = _distill_record(ctx, TeacherCost() if config.distill != "none" else None)
         if record:  # the workers ran the teacher: one forward per batch on every worker, not timed apart
             record["distill"].update(teacher_forwards=sum(e.batches for e in result.epochs) * config.workers,
-                                     teacher_s=None, teacher_outputs="recomputed every step, sharded over the "
-                                     "workers like the student")
+                                     teacher_reused=0, teacher_s=None, teacher_outputs="recomputed every step, "
+                                     "sharded over the workers like the student (a sharded forward is collective)")
         return {"train": result, "ppl_after_train": result.final_ppl, "workers": config.workers, **record}
 
     loss_fn, teacher_cost = _loss(ctx)
