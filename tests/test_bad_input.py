@@ -127,6 +127,16 @@ def test_an_unreachable_hub_refuses_an_uncached_model_at_once(tmp_path):  # item
     assert "not in the local cache" in lines[0] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["--eval-max-tokens", "0"], "eval_max_tokens must be"),
+    (["--eval-max-tokens", "-5"], "eval_max_tokens must be"),
+    (["--eval-max-tokens", "512", "--eval-max-windows", "4"], "give one of them"),
+])
+def test_eval_max_tokens_is_checked_up_front(args, fragment, tmp_path, capsys):  # issue 13
+    one_line_error(prune_main, args + ["--output", str(tmp_path / "out")], capsys, fragment)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("output", ["/proc/raysparse-x", "FILE/sub"])
 def test_unwritable_output_is_refused_before_the_trial(output, tmp_path, capsys):  # item 2
     blocker = tmp_path / "a-file"

@@ -77,6 +77,9 @@ class TrialConfig:
     eval_batch_size: int = setting(4, "evaluation windows per forward pass", within=">= 1")
     eval_max_windows: int | None = setting(None, "evaluate only the first N windows (quick checks)", within=">= 1",
                                            shown="all")
+    eval_max_tokens: int | None = setting(None, "evaluate on the first N scored tokens only (quick search-time "
+                                          "validation; the last window scores what is left of N)", within=">= 1",
+                                          shown="all")
     calib_batch_size: int = setting(8, "calibration windows per forward pass", within=">= 1")
     percdamp: float = setting(0.01, "SparseGPT dampening (fraction of mean diag)", within="[0, 1)",
                               fix="the usual value is 0.01")
@@ -203,6 +206,8 @@ class TrialConfig:
                 f"eval_stride {self.eval_stride} is larger than eval_seqlen {self.eval_seqlen}: "
                 "tokens between windows would never be scored; use a stride <= the window"
             )
+        if self.eval_max_tokens is not None and self.eval_max_windows is not None:
+            raise ConfigError("eval_max_tokens and eval_max_windows both limit the evaluation: give one of them")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda or cuda:N")
         if self.save and not self.output:

@@ -51,7 +51,8 @@ class TrialContext:
         return perplexity(
             model if model is not None else self.loaded.model, stream, self.settings.eval_seqlen,
             self.settings.eval_stride, batch_size=self.config.eval_batch_size,
-            max_windows=self.config.eval_max_windows, device=self.device, desc=desc,
+            max_windows=self.config.eval_max_windows, max_tokens=self.config.eval_max_tokens, device=self.device,
+            desc=desc,
         ).ppl
 
 

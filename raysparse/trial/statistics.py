@@ -76,9 +76,12 @@ def _calibration_data(ctx: TrialContext) -> str:
 def dense_ppl_key(ctx: TrialContext, role: str = "validation") -> dict[str, Any]:
     settings = ctx.settings
     stream = ctx.test_stream if role == "test" else ctx.val_stream
-    return {**_base_key(ctx, "dense_ppl"), "role": role, "tokens": _tokens(ctx, role, stream),
-            "eval_seqlen": settings.eval_seqlen, "eval_stride": settings.eval_stride,
-            "eval_max_windows": ctx.config.eval_max_windows}
+    key = {**_base_key(ctx, "dense_ppl"), "role": role, "tokens": _tokens(ctx, role, stream),
+           "eval_seqlen": settings.eval_seqlen, "eval_stride": settings.eval_stride,
+           "eval_max_windows": ctx.config.eval_max_windows}
+    if ctx.config.eval_max_tokens is not None:  # only when set: existing caches keep their keys
+        key["eval_max_tokens"] = ctx.config.eval_max_tokens
+    return key
 
 
 def layer_importance_key(ctx: TrialContext) -> dict[str, Any]:

@@ -72,9 +72,9 @@ def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | 
             "eval_seqlen": settings.eval_seqlen,
             "eval_stride": settings.eval_stride,
             "eval_windows": len(window_starts(ctx.test_stream.numel(), settings.eval_seqlen, settings.eval_stride,
-                                              config.eval_max_windows)),
+                                              config.eval_max_windows, config.eval_max_tokens)),
             "val_windows": len(window_starts(ctx.val_stream.numel(), settings.eval_seqlen, settings.eval_stride,
-                                             config.eval_max_windows)),
+                                             config.eval_max_windows, config.eval_max_tokens)),
             "calib_data": resolve_source(settings.calib_data, "calibration").describe()
             if ctx.calib is not None or ctx.taylor_windows is not None else None,
             "nsamples": config.nsamples if ctx.calib is not None else 0,

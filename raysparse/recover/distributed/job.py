@@ -22,6 +22,7 @@ class EvalSpec:
     stride: int | None = None
     batch_size: int = 4
     max_windows: int | None = None
+    max_tokens: int | None = None
 
 
 @dataclass

@@ -95,5 +95,7 @@ def _fingerprint(model: nn.Module, masks: Masks, windows: torch.Tensor, settings
     add(sorted(tuning.items()))
     if eval_spec is not None:
         add((eval_spec.seqlen, eval_spec.stride, eval_spec.max_windows, eval_spec.stream.numel()))
+        if eval_spec.max_tokens is not None:  # only when set: earlier runs' checkpoints keep their digest
+            add(("max_tokens", eval_spec.max_tokens))
         digest.update(eval_spec.stream.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -111,7 +111,8 @@ def _train_worker(config: dict[str, Any]) -> None:
 
         def evaluate() -> float:
             return perplexity(model, spec.stream, spec.seqlen, spec.stride, spec.batch_size, spec.max_windows,
-                              device=device, desc=f"perplexity rank {rank}", progress=False).ppl
+                              device=device, desc=f"perplexity rank {rank}", progress=False,
+                              max_tokens=spec.max_tokens).ppl
 
     if checkpoint is None and evaluate is not None:
         baseline = evaluate()
