@@ -131,8 +131,9 @@ def test_an_unreachable_hub_refuses_an_uncached_model_at_once(tmp_path):  # item
     (["--eval-max-tokens", "0"], "eval_max_tokens must be"),
     (["--eval-max-tokens", "-5"], "eval_max_tokens must be"),
     (["--eval-max-tokens", "512", "--eval-max-windows", "4"], "give one of them"),
+    (["--calibration-passes", "one", "--method", "magnitude"], "calibration_passes applies to wanda and sparsegpt"),
 ])
-def test_eval_max_tokens_is_checked_up_front(args, fragment, tmp_path, capsys):  # issue 13
+def test_eval_cost_settings_are_checked_up_front(args, fragment, tmp_path, capsys):  # issue 13
     one_line_error(prune_main, args + ["--output", str(tmp_path / "out")], capsys, fragment)
     assert not (tmp_path / "out").exists()
 

@@ -30,6 +30,8 @@ DISTILL_MODES = ("none", "logits", "squarehead")
 
 MAGNITUDE_SCOPES = ("layer", "global")
 
+CALIBRATION_PASSES = ("two", "one")
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DEFAULT_MAX_WINDOW = 2048
@@ -81,6 +83,10 @@ class TrialConfig:
                                           "validation; the last window scores what is left of N)", within=">= 1",
                                           shown="all")
     calib_batch_size: int = setting(8, "calibration windows per forward pass", within=">= 1")
+    calibration_passes: str = setting("two", "Wanda/SparseGPT: two passes per decoder layer (reference: statistics "
+                                      "from the dense layer) or one (true sequential: each sublayer calibrated on "
+                                      "the pruned sublayers before it; all calibration windows at once through a "
+                                      "layer)", choices=CALIBRATION_PASSES)
     percdamp: float = setting(0.01, "SparseGPT dampening (fraction of mean diag)", within="[0, 1)",
                               fix="the usual value is 0.01")
     blocksize: int = setting(128, "SparseGPT column block size", within=">= 1")
@@ -208,6 +214,9 @@ class TrialConfig:
             )
         if self.eval_max_tokens is not None and self.eval_max_windows is not None:
             raise ConfigError("eval_max_tokens and eval_max_windows both limit the evaluation: give one of them")
+        if self.calibration_passes != "two" and self.method not in ("wanda", "sparsegpt"):
+            raise ConfigError(f"calibration_passes applies to wanda and sparsegpt; --method {self.method} "
+                              "does not calibrate layer by layer: leave it at two")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda or cuda:N")
         if self.save and not self.output:

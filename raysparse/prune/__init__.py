@@ -34,4 +34,5 @@ def prune(adapter: ModelAdapter, config: PruneConfig, calib: torch.Tensor | None
         else SparseGPTMethod(pattern, config.percdamp, config.blocksize)
     )
     return prune_layerwise(adapter, method, calib, device, config.calib_batch_size,
-                           desc=f"{config.method} {pattern}", layer_patterns=layer_patterns)
+                           desc=f"{config.method} {pattern}", layer_patterns=layer_patterns,
+                           passes=config.calibration_passes)

@@ -5,6 +5,16 @@ fed the outputs of the *already pruned* layers before it, so pruning errors do n
 compound unseen. Only one layer's activations (inputs and outputs of the calibration set)
 are held at a time, and a layer is moved to the accelerator only while it is processed, so
 a model larger than the GPU can still be pruned.
+
+Two calibration modes. "two" (the reference, default): a layer is run once to collect
+every sublayer's statistics from the dense layer, pruned, then run again for its pruned
+outputs: two passes per layer. "one" (opt-in, "true sequential"): the whole calibration set
+goes through a layer in one call, and each linear sublayer is pruned in a forward pre-hook
+just before it runs, from the inputs it is about to see, which already come from the pruned
+sublayers before it; the call's output is the pruned layer's output, so one pass per layer.
+The cost of "one" is memory: one layer's intermediate activations for every calibration
+window at once (the statistics are still collected in slices of `batch_size` windows).
+Neither mode runs the LM head: calibration stops at the decoder stack.
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from raysparse.config.trial import CALIBRATION_PASSES
 from raysparse.models.adapters import ModelAdapter
 from raysparse.models.layer_inputs import _layer_output, _move_pre_layer_modules, capture_layer_inputs
 from raysparse.sparsity.masks import Masks
@@ -48,13 +59,20 @@ def prune_layerwise(
     desc: str = "pruning layers",
     should_prune: Callable[[str], bool] = lambda name: True,
     layer_patterns: list | None = None,
+    passes: str = "two",
 ) -> Masks:
-    """Prune every decoder layer in order and return keep-masks keyed by parameter name."""
+    """Prune every decoder layer in order and return keep-masks keyed by parameter name.
+
+    `passes`: "two" (reference: statistics from the dense layer, then a second pass for the
+    pruned outputs) or "one" (true sequential, one pass per layer; see the module docstring).
+    """
+    if passes not in CALIBRATION_PASSES:
+        raise ValueError(f"passes must be one of {CALIBRATION_PASSES}, got {passes!r}")
     model = adapter.model
     offload = next(model.parameters()).device != device
     was_training = model.training
     model.eval()
-    chunks = capture_layer_inputs(adapter, calib, device, batch_size)
+    chunks = capture_layer_inputs(adapter, calib, device, batch_size if passes == "two" else calib.shape[0])
     masks: Masks = {}
     layers = adapter.decoder_layers()
     try:
@@ -64,6 +82,13 @@ def prune_layerwise(
                 layer.to(device)
             linears = {n: m for n, m in adapter.prunable_linears(layer).items()
                        if should_prune(f"{adapter.layers_path}.{index}.{n}")}
+            if layer_patterns is not None:
+                method.pattern = layer_patterns[index]  # this layer's own ratio
+            if passes == "one":
+                masks.update(_prune_layer_in_one_pass(adapter, method, layer, index, linears, chunks, batch_size))
+                if offload:
+                    layer.to("cpu")
+                continue
             collectors = {name: method.make_collector(module) for name, module in linears.items()}
             hooks = [
                 module.register_forward_hook(
@@ -77,8 +102,6 @@ def prune_layerwise(
             finally:
                 for hook in hooks:
                     hook.remove()
-            if layer_patterns is not None:
-                method.pattern = layer_patterns[index]  # this layer's own ratio
             for name, module in linears.items():
                 remove = method.prune_module(adapter, module, collectors[name])
                 masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()
@@ -91,4 +114,38 @@ def prune_layerwise(
         model.train(was_training)
         if offload:
             _move_pre_layer_modules(adapter, torch.device("cpu"))
+    return masks
+
+
+def _prune_layer_in_one_pass(adapter: ModelAdapter, method: LayerwiseMethod, layer: nn.Module, index: int,
+                             linears: dict[str, nn.Module], chunks: list, batch_size: int) -> Masks:
+    """Run `layer` once on the whole calibration set, pruning each sublayer just before it runs.
+
+    The pre-hook sees exactly the inputs the sublayer is about to compute on (outputs of the
+    sublayers pruned before it), collects them in slices of `batch_size` windows, prunes the
+    weights in place, and lets the call go on with the pruned weights; the layer's output then
+    replaces the hidden states that feed the next layer.
+    """
+    masks: Masks = {}
+
+    def prune_before_use(name: str, module: nn.Module, inputs: tuple) -> None:
+        if f"{adapter.layers_path}.{index}.{name}.weight" in masks:
+            return  # a sublayer called twice in one forward is pruned once, on its first inputs
+        collector = method.make_collector(module)
+        for piece in inputs[0].detach().split(batch_size):
+            collector.add_batch(piece)
+        remove = method.prune_module(adapter, module, collector)
+        masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()
+
+    hooks = [module.register_forward_pre_hook(lambda m, inputs, name=name: prune_before_use(name, m, inputs))
+             for name, module in linears.items()]
+    try:
+        for chunk in chunks:
+            chunk.hidden = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    missing = [name for name in linears if f"{adapter.layers_path}.{index}.{name}.weight" not in masks]
+    if missing:
+        raise RuntimeError(f"decoder layer {index}: the sublayers {missing} never ran, so they were not pruned")
     return masks

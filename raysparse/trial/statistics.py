@@ -106,6 +106,8 @@ def pruning_key(ctx: TrialContext, config: TrialConfig, ratios: Sequence[float] 
         return {**key, "magnitude_scope": config.magnitude_scope}
     key.update(tokens=_tokens(ctx, "calibration", ctx.calib), nsamples=config.nsamples, seqlen=ctx.settings.seqlen,
                seed=config.seed, calib_batch_size=config.calib_batch_size)
+    if config.calibration_passes != "two":  # only when set: existing caches keep their keys
+        key["calibration_passes"] = config.calibration_passes
     if config.method == "sparsegpt":
         key.update(percdamp=config.percdamp, blocksize=config.blocksize)
     return key
