@@ -43,6 +43,7 @@ def test_plan_prints_resources_fit_and_a_measured_estimate_without_launching(tin
     total = [line for line in out.splitlines() if line.startswith("total")][0]
     assert " s" in total or " min" in total
     assert not (tmp_path / "runs").exists()  # no experiment folder: nothing was launched
+    assert [line for line in out.splitlines() if line.startswith("at scale") and "1B" in line and "8B" in line]
 
 
 def test_plan_refuses_resume(capsys):
@@ -73,3 +74,16 @@ def test_iteration_range_spans_the_prune_percentage_extremes():
                          "params": {"prune_percentage": {"uniform": [0.25, 0.5]}}}, source="t")
     config = space.sample_config({"prune_percentage": 0.25})
     assert iteration_range(space, config) == (3, 6)
+
+
+def test_trial_time_scales_with_parameters_from_the_measured_multiples():
+    from raysparse.search.plan import scale_per_trial, scale_trial_estimate
+
+    assert scale_per_trial(10.0, 100_000_000, [1e9, 8e9]) == pytest.approx([100.0, 800.0])
+    measured = {"model": "m", "params": 1e8, "forward_s": 2.0, "calib_windows": 4, "seqlen": 256,
+                "phases": {"dense eval": {"x_forward": 1.0}, "wanda (one-pass)": {"x_forward": 1.2},
+                           "recovery epoch (2 steps)": {"x_forward": 3.0}}}
+    protocol = {"calib_tokens": 1024, "eval_tokens": 2048, "train_tokens": 1024}
+    small, large = scale_trial_estimate(measured, [1e8, 8e8], protocol)["rows"]
+    assert small["trial_s"] == pytest.approx(2.0 * (2 * 1.0 + 1.2 + 3.0))  # 1024 tokens = one measured forward
+    assert large["trial_s"] == pytest.approx(8 * small["trial_s"])

@@ -98,7 +98,7 @@ def _warmup(config_dict: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("the warm-up trial finished without reporting an iteration")
     iteration_s = float(first.get("time_s") or 0.0)
     return {"setup_s": max(0.0, first["reported_at"] - iteration_s), "iteration_s": iteration_s,
-            "reported_at": first["reported_at"], "host": socket.gethostname()}
+            "reported_at": first["reported_at"], "host": socket.gethostname(), "params": first.get("params_total")}
 
 
 def iteration_range(space: SearchSpace, config) -> tuple[int, int]:
@@ -154,6 +154,8 @@ def make_plan(settings) -> dict[str, Any]:
         "fits": fits, "concurrency": concurrency, "max_concurrent": settings.max_concurrent,
         "warmup": measured | {"config": {k: first[k] for k in first}, "iterations": (low, high)},
         "per_trial_s": per_trial, "waves": waves, "total_s": [waves * t for t in per_trial],
+        "at_scale": {f"{p / 1e9:g}B": scale_per_trial(per_trial[1], measured["params"], [p])[0] for p in SCALE_TARGETS}
+        if measured.get("params") else None,
     }
 
 
@@ -185,4 +187,43 @@ def format_plan(plan: dict[str, Any]) -> str:
         "iteration; more epochs or steps per iteration cost more)",
         f"total            {span(plan['total_s'])} ({plan['waves']} wave(s) of {plan['concurrency']}); an upper bound: "
         "early stopping cuts many trials at a sparsity milestone",
-    ])
+    ] + (["at scale         one trial of the same settings ~ " + ", ".join(
+        f"{name} {_duration(s)}" for name, s in plan["at_scale"].items()) + " on this hardware (time grows with "
+        "parameters x tokens: tests/benchmarks/bench_scale_model.py)"] if plan.get("at_scale") else []))
+
+
+# The reference protocol a trial at scale is estimated for (SparseGPT/Wanda papers' settings).
+SCALE_TARGETS = (1e9, 8e9)
+
+SCALE_PROTOCOL = {"calib_tokens": 128 * 2048, "eval_tokens": 2 * 141 * 2048, "train_tokens": 100 * 8 * 2048}
+
+
+def scale_trial_estimate(measured: dict[str, Any], targets: list[float],
+                         protocol: dict[str, int] | None = None) -> dict[str, Any]:
+    """One trial's seconds at `targets` parameters, from a model measured by bench_scale_model.
+
+    Forward time grows with parameters x tokens, and the benchmark measures every phase as a
+    multiple of one forward over the same tokens (multiples that stay put from 0.3M to 135M
+    parameters there), so a phase at P parameters costs its multiple x (forward seconds per
+    token per parameter, measured) x P x its tokens. A trial here: dense and pruned evaluation
+    (`eval_tokens`), one-pass Wanda over `calib_tokens`, one recovery epoch over `train_tokens`.
+    Same device and dtype as the measurement; attention's growth with the window is ignored.
+    """
+    protocol = protocol or SCALE_PROTOCOL
+    phases = measured["phases"]
+    per_token_param = measured["forward_s"] / (measured["calib_windows"] * measured["seqlen"] * measured["params"])
+    recovery = next(v for k, v in phases.items() if k.startswith("recovery"))
+    multiples = {"eval": phases["dense eval"]["x_forward"], "prune": phases["wanda (one-pass)"]["x_forward"],
+                 "recover": recovery["x_forward"]}
+    tokens = {"eval": protocol["eval_tokens"], "prune": protocol["calib_tokens"], "recover": protocol["train_tokens"]}
+    rows = [{"params": p, "trial_s": sum(multiples[k] * per_token_param * p * tokens[k] for k in multiples),
+             "phases_s": {k: multiples[k] * per_token_param * p * tokens[k] for k in multiples}} for p in targets]
+    return {"from": measured["model"], "multiples": multiples, "protocol": protocol, "rows": rows,
+            "note": f"From {measured['model']} ({measured['params'] / 1e6:.0f}M parameters, same device and dtype): "
+                    f"{protocol['calib_tokens']} calibration tokens (one-pass Wanda), {protocol['eval_tokens']} "
+                    f"evaluation tokens (dense + pruned), one recovery epoch of {protocol['train_tokens']} tokens."}
+
+
+def scale_per_trial(per_trial_s: float, params: int, targets: list[float]) -> list[float]:
+    """`--plan`'s warm-up trial time carried to `targets` parameters (time ~ parameters x tokens)."""
+    return [per_trial_s * target / params for target in targets]

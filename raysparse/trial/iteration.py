@@ -82,6 +82,7 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
         sparsity=sparsity, ppl_after_prune=ppl_after_prune, ppl_before=before,
         # Parameters left that are not zero (the model size a ppl-vs-size Pareto front trades against).
         params_remaining=count_params(ctx.loaded.model) - report.zero_params,
+        params_total=count_params(ctx.loaded.model),  # after any shrinking; what --plan scales by
         iterations_planned=len(state.levels),
         recovery_pct=recovery_pct(before, ppl_after_prune, record["ppl_after_train"])
         if ppl_after_prune is not None else None,
