@@ -154,7 +154,7 @@ def run_case(case: dict, args) -> dict:
     unit = phases["calibration forward"]["s"]
     dense_state = copy.deepcopy(model.state_dict())
     pruned_ppl = {}
-    for method in ("wanda", "sparsegpt"):
+    for method in [m for m in ("wanda", "sparsegpt") if m not in args.skip]:
         for passes in ("two", "one"):
             model.load_state_dict(dense_state)
             impl = WandaMethod(parse_sparsity(0.5)) if method == "wanda" else SparseGPTMethod(parse_sparsity(0.5))
@@ -165,15 +165,17 @@ def run_case(case: dict, args) -> dict:
             pruned_ppl[key] = round(perplexity(model, eval_stream, seqlen, batch_size=args.eval_batch,
                                                max_windows=windows, progress=False).ppl, 3)
     recovery_windows = calibration_windows(stream[:half], args.steps * args.train_batch, seqlen, seed=1)
-    with rss.measure(phases, f"recovery epoch ({args.steps} steps)"):
-        train_masked(model, masks, recovery_windows, TrainSettings(lr=1e-5, batch_size=args.train_batch,
-                     max_steps_per_epoch=args.steps, keep_best=False), None)
+    if "recovery" not in args.skip:
+        with rss.measure(phases, f"recovery epoch ({args.steps} steps)"):
+            train_masked(model, masks, recovery_windows, TrainSettings(lr=1e-5, batch_size=args.train_batch,
+                         max_steps_per_epoch=args.steps, keep_best=False), None)
     model.load_state_dict(dense_state)
-    with rss.measure(phases, "structured 25%"):
-        adapter = get_adapter(model)
-        layers = list(range(len(adapter.decoder_layers())))
-        scores = taylor_scores(adapter, calib[: args.taylor_windows], layers, CPU, batch_size=args.calib_batch)
-        prune_structured(adapter, scores, [0.25] * len(layers))
+    if "structured" not in args.skip:
+        with rss.measure(phases, "structured 25%"):
+            adapter = get_adapter(model)
+            layers = list(range(len(adapter.decoder_layers())))
+            scores = taylor_scores(adapter, calib[: args.taylor_windows], layers, CPU, batch_size=args.calib_batch)
+            prune_structured(adapter, scores, [0.25] * len(layers))
     with tempfile.TemporaryDirectory() as folder, rss.measure(phases, "save"):
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -230,19 +232,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--taylor-windows", type=int, default=4)
     parser.add_argument("--out", default=str(HERE / "results" / "bench_scale_model"))
+    parser.add_argument("--skip", default="", help="comma-separated phases to leave out: sparsegpt,recovery,structured")
+    parser.add_argument("--append", action="store_true", help="keep the other models' cases already in --out")
     args = parser.parse_args()
+    args.skip = [name for name in args.skip.split(",") if name]
     torch.manual_seed(0)
-    cases = []
-    for case in model_cases(args.models.split(",")):
+    cases, notes = [], []
+    if args.append and Path(args.out + ".json").exists():
+        earlier = json.loads(Path(args.out + ".json").read_text(encoding="utf-8"))
+        cases, notes = earlier["cases"], [earlier["note"]]
+    names = args.models.split(",")
+    cases = [case for case in cases if case["model"] not in names]
+    for case in model_cases(names):
         print(f"== {case['name']}", flush=True)
         cases.append(run_case(case, args))
         print(json.dumps(cases[-1], indent=1), flush=True)
     load = psutil.getloadavg()
-    results = {"machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads, float32",
-               "note": f"Measured on a shared, loaded machine (load average {load[0]:.1f} / {load[1]:.1f} on "
-               f"{psutil.cpu_count()} cores while it ran): absolute seconds are pessimistic; the ratios compare "
-               "phases of the same run.",
+    results = {"machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, torch {torch.__version__}, float32",
+               "note": " ".join(notes + [f"{args.models}: measured on a shared, loaded machine (load average "
+                                f"{load[0]:.1f} / {load[1]:.1f} on {psutil.cpu_count()} cores at the end, "
+                                f"{torch.get_num_threads()} torch thread(s)): absolute seconds are pessimistic; the "
+                                "ratios compare phases of the same run."]),
                "args": vars(args), "cases": cases}
     if cases:
         largest = max(cases, key=lambda c: c["params"])
