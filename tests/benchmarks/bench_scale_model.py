@@ -214,9 +214,13 @@ def markdown(results: dict) -> str:
                   ", ".join(f"{k} {v}" for k, v in case["ppl_pruned"].items()), ""]
     if results.get("scale_estimate"):
         lines += ["## One trial at 1B / 8B, extrapolated from the largest model measured", "",
-                  results["scale_estimate"]["note"], "", "| params | one trial (s) |", "|---|---|"]
+                  results["scale_estimate"]["note"], "",
+                  "| params | evaluation (h) | one-pass Wanda (h) | recovery epoch (h) | one trial (h) |",
+                  "|---|---|---|---|---|"]
         for row in results["scale_estimate"]["rows"]:
-            lines.append(f"| {row['params'] / 1e9:g}B | {row['trial_s']:.0f} |")
+            ph = row["phases_s"]
+            lines.append(f"| {row['params'] / 1e9:g}B | {ph['eval'] / 3600:.1f} | {ph['prune'] / 3600:.1f} | "
+                         f"{ph['recover'] / 3600:.1f} | {row['trial_s'] / 3600:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -254,8 +258,9 @@ def main() -> None:
                                 f"{torch.get_num_threads()} torch thread(s)): absolute seconds are pessimistic; the "
                                 "ratios compare phases of the same run."]),
                "args": vars(args), "cases": cases}
-    if cases:
-        largest = max(cases, key=lambda c: c["params"])
+    complete = [c for c in cases if "wanda (one-pass)" in c["phases"] and any(k.startswith("recovery") for k in c["phases"])]
+    if complete:
+        largest = max(complete, key=lambda c: c["params"])
         results["scale_estimate"] = scale_trial_estimate(largest, [1e9, 8e9])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
