@@ -72,7 +72,7 @@ def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(backbone, head) when the model's logits are exactly head(backbone(...).last_hidden_state)."""
     from transformers import PreTrainedModel
 
-    if not isinstance(model, PreTrainedModel) or type(model).__name__.startswith("FSDP"):
+    if not isinstance(model, PreTrainedModel) or _is_fsdp(model):
         return None  # PEFT / FSDP wrappers run their own hooks around the whole forward
     if getattr(model.config, "model_type", None) not in PLAIN_HEAD_FAMILIES:
         return None
@@ -81,6 +81,15 @@ def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     if not isinstance(head, nn.Linear) or not isinstance(backbone, nn.Module) or backbone is model:
         return None
     return backbone, head
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    """A fully_shard-ed model: its root unshards the head and embeddings only in its own forward."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return type(model).__name__.startswith("FSDP")
+    return isinstance(model, FSDPModule) or type(model).__name__.startswith("FSDP")
 
 
 def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
