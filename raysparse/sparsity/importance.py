@@ -9,6 +9,10 @@ Unbalanced pruning (WORKFLOWS.md section 4) prunes important layers less. Two me
 - ``activation``: one layer-by-layer pass; a layer's score is how much it changes its
   input, ``mean over tokens of 1 - cos(input, output)``. Cheap (one pass), but only a
   proxy: a layer can change the residual stream little and still matter.
+- ``owl``: outlier-weighted layerwise sparsity (OWL, Yin et al. 2024). One layer-by-layer
+  pass of the dense model; a layer's score is its outlier ratio, the fraction of its Wanda
+  scores ``|W_ij| * ||X_j||_2`` (all prunable linears of the layer together) above ``M``
+  times the layer's mean score. Layers with many outliers are pruned less (``inverse``).
 
 Both depend only on the dense model, the data, the sample count, seqlen and seed, so the
 result is saved as JSON (``layer_importance.json``) and reused across trials; `load`
@@ -34,7 +38,9 @@ from raysparse.models.layer_inputs import _layer_output, capture_layer_inputs
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCE_METHODS: tuple[str, ...] = ("removal", "activation")
+IMPORTANCE_METHODS: tuple[str, ...] = ("removal", "activation", "owl")
+
+DEFAULT_OWL_M = 5.0
 
 
 @dataclass
@@ -50,6 +56,7 @@ class LayerImportance:
     seed: int
     data: str
     seconds: float = 0.0
+    owl_m: float | None = None  # the outlier threshold M of method "owl"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +67,7 @@ class LayerImportance:
         if not isinstance(data, dict):
             raise ConfigError(f"layer importance must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        required = names - {"seconds"}
+        required = names - {"seconds", "owl_m"}
         missing = sorted(required - data.keys())
         if missing:
             raise ConfigError(f"layer importance is missing field(s): {', '.join(missing)}")
@@ -76,6 +83,7 @@ class LayerImportance:
                 seed=int(data["seed"]),
                 data=str(data["data"]),
                 seconds=float(data.get("seconds", 0.0)),
+                owl_m=None if data.get("owl_m") is None else float(data["owl_m"]),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"layer importance has a field of the wrong type: {exc}") from None
@@ -260,6 +268,54 @@ def activation_importance(
     return scores
 
 
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """Fraction of all `scores` (one layer's Wanda scores, every linear) above m x their mean."""
+    flat = torch.cat([s.flatten().float() for s in scores])
+    return float((flat > m * flat.mean()).float().mean())
+
+
+@torch.no_grad()
+def owl_importance(
+    adapter: ModelAdapter, calib_windows: torch.Tensor, m: float = DEFAULT_OWL_M, batch_size: int = 8
+) -> list[float]:
+    """Importance of layer i = its outlier ratio (OWL): share of |W|*||X||_2 above m x the layer mean.
+
+    The inputs are the dense model's (no layer is pruned during the pass), as in the paper.
+    """
+    from raysparse.prune.wanda import InputNormCollector
+
+    _check_windows(calib_windows)
+    if not (math.isfinite(m) and m > 0):
+        raise ConfigError(f"owl_m must be > 0 (the paper uses 5-10), got {m}")
+    model = adapter.model
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = capture_layer_inputs(adapter, calib_windows, device, batch_size)
+        scores: list[float] = []
+        for index, layer in enumerate(adapter.decoder_layers()):
+            linears = adapter.prunable_linears(layer)
+            collectors = {name: InputNormCollector(adapter.weight_matrix(mod).shape[1], device)
+                          for name, mod in linears.items()}
+            hooks = [mod.register_forward_hook(lambda _m, inputs, _o, c=collectors[name]: c.add_batch(inputs[0]))
+                     for name, mod in linears.items()]
+            try:
+                outputs = [_layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs)) for chunk in chunks]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            metrics = [adapter.weight_matrix(mod).abs().float() * collectors[name].sq_norms.sqrt().unsqueeze(0)
+                       for name, mod in linears.items()]
+            scores.append(outlier_ratio(metrics, m))
+            for chunk, out in zip(chunks, outputs):
+                chunk.hidden = out
+            logger.debug("layer %d: outlier ratio %.6f", index, scores[-1])
+    finally:
+        model.train(was_training)
+    return scores
+
+
 def compute_importance(
     adapter: ModelAdapter,
     calib: torch.Tensor,
@@ -268,14 +324,18 @@ def compute_importance(
     seed: int,
     data_desc: str,
     batch_size: int = 8,
+    owl_m: float = DEFAULT_OWL_M,
 ) -> LayerImportance:
     """Run the chosen method on (n, seqlen) calibration windows and record its protocol."""
     if method not in IMPORTANCE_METHODS:
         raise ConfigError(f"importance method '{method}' is unknown; choose one of {', '.join(IMPORTANCE_METHODS)}")
     _check_windows(calib)
     started = time.perf_counter()
-    compute = removal_importance if method == "removal" else activation_importance
-    scores = compute(adapter, calib, batch_size=batch_size)
+    if method == "owl":
+        scores = owl_importance(adapter, calib, owl_m, batch_size=batch_size)
+    else:
+        compute = removal_importance if method == "removal" else activation_importance
+        scores = compute(adapter, calib, batch_size=batch_size)
     seconds = time.perf_counter() - started
     logger.info("layer importance (%s) of %s in %.1fs: %s", method, model_name, seconds,
                 ", ".join(f"{s:.4g}" for s in scores))
@@ -289,4 +349,5 @@ def compute_importance(
         seed=int(seed),
         data=data_desc,
         seconds=seconds,
+        owl_m=float(owl_m) if method == "owl" else None,
     )
