@@ -2,6 +2,7 @@
 the layer database (built once, then only loaded), the searches, --layer-ratios, and bad input."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -77,6 +78,7 @@ def test_evolution_uses_cheap_fidelity_more_and_improves_a_known_optimum():
     assert result.evaluations[2] > 2 * result.evaluations[8]
     tpe = optuna_search(5, sizes, 11, evaluate, 8, trials=24, batch=8, sampler="tpe")
     assert sum(tpe.best) == 30 and tpe.fitness <= tpe.curve[0]
+    assert evaluate([[5] * 6], 8)[0] >= tpe.fitness  # the uniform start is its first proposal
 
 
 # --- OWL ------------------------------------------------------------------------------------------
@@ -201,6 +203,7 @@ def test_owl_allocation_inside_a_trial(saved_model_dir, text_files):
     (["--method", "magnitude"], "wanda or sparsegpt"),
     (["--fidelity", "8,2"], "increasing"),
     (["--owl-m", "0"], "owl_m"),
+    *([(["--search", "cmaes"], "pip install cmaes")] if importlib.util.find_spec("cmaes") is None else []),
 ])
 def test_bad_profile_requests_are_one_line_errors_before_any_work(extra, fragment, text_files, tmp_path, capsys):
     out = tmp_path / "never"

@@ -67,6 +67,12 @@ def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[
                           "recover with launch/prune.py or launch/search.py --layer-ratios best_profile.json")
     if options.search not in SEARCHES:
         raise ConfigError(f"--search {options.search}: choose one of {', '.join(SEARCHES)}")
+    if options.search == "cmaes":
+        import importlib.util
+
+        if importlib.util.find_spec("cmaes") is None:
+            raise ConfigError("--search cmaes needs the cmaes package (Optuna's CMA-ES): pip install cmaes, "
+                              "or use --search tpe")
     for name in ("generations", "offspring", "survivors", "max_step", "trials"):
         if getattr(options, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
@@ -132,10 +138,10 @@ def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float],
 
 def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
     """The whole search; returns its record (also written to OUTPUT/profile_search.json)."""
+    from raysparse.config.layer_ratios import write_layer_ratios
     from raysparse.models.fingerprint import model_fingerprint
     from raysparse.profile.database import build_database
     from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
-    from raysparse.profile.ratios_file import write_layer_ratios
     from raysparse.profile.search import evolve, optuna_search
     from raysparse.trial.cache import StatsCache
     from raysparse.trial.context import _prepare

@@ -282,8 +282,6 @@ def owl_importance(
 
     The inputs are the dense model's (no layer is pruned during the pass), as in the paper.
     """
-    from raysparse.prune.wanda import InputNormCollector
-
     _check_windows(calib_windows)
     if not (math.isfinite(m) and m > 0):
         raise ConfigError(f"owl_m must be > 0 (the paper uses 5-10), got {m}")
@@ -296,16 +294,21 @@ def owl_importance(
         scores: list[float] = []
         for index, layer in enumerate(adapter.decoder_layers()):
             linears = adapter.prunable_linears(layer)
-            collectors = {name: InputNormCollector(adapter.weight_matrix(mod).shape[1], device)
-                          for name, mod in linears.items()}
-            hooks = [mod.register_forward_hook(lambda _m, inputs, _o, c=collectors[name]: c.add_batch(inputs[0]))
+            # squared input norm per input feature (Wanda's ||X_j||^2), summed over every token
+            sq_norms = {name: torch.zeros(adapter.weight_matrix(mod).shape[1], device=device)
+                        for name, mod in linears.items()}
+
+            def add(name: str, inputs: tuple) -> None:
+                sq_norms[name] += inputs[0].reshape(-1, inputs[0].shape[-1]).float().pow(2).sum(dim=0)
+
+            hooks = [mod.register_forward_hook(lambda _m, inputs, _o, n=name: add(n, inputs))
                      for name, mod in linears.items()]
             try:
                 outputs = [_layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs)) for chunk in chunks]
             finally:
                 for hook in hooks:
                     hook.remove()
-            metrics = [adapter.weight_matrix(mod).abs().float() * collectors[name].sq_norms.sqrt().unsqueeze(0)
+            metrics = [adapter.weight_matrix(mod).abs().float() * sq_norms[name].sqrt().unsqueeze(0)
                        for name, mod in linears.items()]
             scores.append(outlier_ratio(metrics, m))
             for chunk, out in zip(chunks, outputs):

@@ -111,8 +111,8 @@ def _prepare(config: TrialConfig) -> TrialContext:
 
 def load_profile_ratios(ctx: TrialContext) -> list[float]:
     """--layer-ratios, refused for another model (layer count, fingerprint) or another total."""
+    from raysparse.config.layer_ratios import check_layer_ratios, read_layer_ratios
     from raysparse.models.fingerprint import model_fingerprint
-    from raysparse.profile.ratios_file import check_layer_ratios, read_layer_ratios
 
     config, adapter = ctx.config, ctx.loaded.adapter
     data = read_layer_ratios(config.layer_ratios)

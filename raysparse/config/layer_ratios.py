@@ -1,4 +1,5 @@
-"""The `layer_ratios` JSON a profile search writes and `--layer-ratios FILE` reads.
+"""The `layer_ratios` JSON a profile search writes and `--layer-ratios FILE` reads (config layer: the
+up-front checks read it before any model loads).
 
 It names the model by its fingerprint (config and weight digests) and its layer count, so
 a profile searched for one model is never silently applied to another.
