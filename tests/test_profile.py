@@ -222,3 +222,29 @@ def test_layer_ratios_setting_is_checked_up_front(tmp_path):
 
     with pytest.raises(ConfigError, match="file not found"):
         check_inputs(TrialConfig(layer_ratios=str(tmp_path / "missing.json")).validate())
+
+
+@pytest.mark.slow
+def test_ray_actors_score_profiles_as_the_process_does(saved_model_dir):
+    """The parallel path: actors load their own model and read the database from the object store."""
+    import ray
+
+    from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
+
+    model_dir = saved_model_dir()
+    from raysparse.models.loading import load_model
+
+    loaded = load_model(str(model_dir), "cpu", "auto", False)
+    database = build_database(loaded.adapter, "wanda", CALIB, [0.3, 0.5, 0.7], torch.device("cpu"), 2)
+    windows = torch.randint(3, 300, (3, 16), generator=torch.Generator().manual_seed(1))
+    reference = log_probs(loaded.model, windows, 2, torch.device("cpu"))
+    profiles = [[1, 1], [0, 2], [2, 0]]
+    local = ParallelEvaluator(local=ProfileEvaluator(loaded.model, database, windows, reference, 2))(profiles, 3)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        actors = remote_evaluators(2, str(model_dir), "auto", False, database, windows, reference, 2)
+        remote = ParallelEvaluator(actors=actors)(profiles, 3)
+    finally:
+        ray.shutdown()
+    assert remote == pytest.approx(local, rel=1e-4)
+    assert len(set(round(v, 6) for v in local)) == 3  # the profiles differ, and so do their scores

@@ -7,6 +7,7 @@ so a second search on the same model, data and grid only loads it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,11 +170,15 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     windows = _validation_windows(ctx.val_stream, ctx.settings.eval_seqlen, fidelities[-1])
     model = ctx.loaded.model.eval()
     reference = log_probs(model, windows, config.eval_batch_size, ctx.device)
+    started_ray = False
     if options.workers > 0:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=max(options.workers, 1), include_dashboard=False, log_to_driver=False)
+        if not ray.is_initialized():  # RAY_ADDRESS, when set, names the cluster to join
+            address = os.environ.get("RAY_ADDRESS")  # else a fresh local instance, never a recorded one
+            ray.init(address=address or "local", num_cpus=None if address else options.workers,
+                     include_dashboard=False, log_to_driver=False)
+            started_ray = True
         actors = remote_evaluators(options.workers, ctx.loaded.path, config.dtype, config.trust_remote_code,
                                    database, windows, reference, config.eval_batch_size)
         evaluate = ParallelEvaluator(actors=actors)
@@ -190,6 +195,10 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
                                max(1, options.offspring), options.search, config.seed)
     search_s = time.perf_counter() - search_started
     uniform_kl = evaluate([[start] * len(layers)], fidelities[-1])[0]
+    if started_ray:
+        import ray
+
+        ray.shutdown()
     ratios = [levels[i] for i in result.best]
     revision = getattr(model.config, "_commit_hash", None)
     fingerprint = model_fingerprint(ctx.loaded.path, revision)
