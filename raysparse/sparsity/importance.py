@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +236,25 @@ def removal_importance(
     return scores
 
 
+def _layer_by_layer(adapter: ModelAdapter, calib_windows: torch.Tensor, batch_size: int,
+                    score: Callable[[nn.Module, list[Any]], float]) -> list[float]:
+    """One pass of the dense model, layer by layer: `score(layer, chunks)` rates a layer from its
+    inputs and must leave its outputs in the chunks (the next layer's inputs)."""
+    _check_windows(calib_windows)
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = capture_layer_inputs(adapter, calib_windows, _model_device(model), batch_size)
+        scores = []
+        for index, layer in enumerate(adapter.decoder_layers()):
+            scores.append(score(layer, chunks))
+            logger.debug("layer %d: importance %.6f", index, scores[-1])
+    finally:
+        model.train(was_training)
+    return scores
+
+
 @torch.no_grad()
 def activation_importance(
     adapter: ModelAdapter, calib_windows: torch.Tensor, batch_size: int = 8
@@ -245,27 +264,17 @@ def activation_importance(
     Cheap: one layer-by-layer pass over the calibration set (as the layerwise pruners run),
     but a proxy for what removing the layer costs, not a measurement of it.
     """
-    _check_windows(calib_windows)
-    model = adapter.model
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = capture_layer_inputs(adapter, calib_windows, device, batch_size)
-        scores: list[float] = []
-        for index, layer in enumerate(adapter.decoder_layers()):
-            total, count = 0.0, 0
-            for chunk in chunks:
-                out = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
-                cos = F.cosine_similarity(chunk.hidden.float(), out.float(), dim=-1)
-                total += float((1.0 - cos).sum())
-                count += cos.numel()
-                chunk.hidden = out
-            scores.append(total / count)
-            logger.debug("layer %d: activation importance %.6f", index, scores[-1])
-    finally:
-        model.train(was_training)
-    return scores
+    def score(layer: nn.Module, chunks: list[Any]) -> float:
+        total, count = 0.0, 0
+        for chunk in chunks:
+            out = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
+            cos = F.cosine_similarity(chunk.hidden.float(), out.float(), dim=-1)
+            total += float((1.0 - cos).sum())
+            count += cos.numel()
+            chunk.hidden = out
+        return total / count
+
+    return _layer_by_layer(adapter, calib_windows, batch_size, score)
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
@@ -282,41 +291,31 @@ def owl_importance(
 
     The inputs are the dense model's (no layer is pruned during the pass), as in the paper.
     """
-    _check_windows(calib_windows)
     if not (math.isfinite(m) and m > 0):
         raise ConfigError(f"owl_m must be > 0 (the paper uses 5-10), got {m}")
-    model = adapter.model
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = capture_layer_inputs(adapter, calib_windows, device, batch_size)
-        scores: list[float] = []
-        for index, layer in enumerate(adapter.decoder_layers()):
-            linears = adapter.prunable_linears(layer)
-            # squared input norm per input feature (Wanda's ||X_j||^2), summed over every token
-            sq_norms = {name: torch.zeros(adapter.weight_matrix(mod).shape[1], device=device)
-                        for name, mod in linears.items()}
 
-            def add(name: str, inputs: tuple) -> None:
-                sq_norms[name] += inputs[0].reshape(-1, inputs[0].shape[-1]).float().pow(2).sum(dim=0)
+    def score(layer: nn.Module, chunks: list[Any]) -> float:
+        linears = adapter.prunable_linears(layer)
+        # squared input norm per input feature (Wanda's ||X_j||^2), summed over every token
+        sq_norms = {name: torch.zeros(adapter.weight_matrix(mod).shape[1], device=mod.weight.device)
+                    for name, mod in linears.items()}
 
-            hooks = [mod.register_forward_hook(lambda _m, inputs, _o, n=name: add(n, inputs))
-                     for name, mod in linears.items()]
-            try:
-                outputs = [_layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs)) for chunk in chunks]
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            metrics = [adapter.weight_matrix(mod).abs().float() * sq_norms[name].sqrt().unsqueeze(0)
-                       for name, mod in linears.items()]
-            scores.append(outlier_ratio(metrics, m))
-            for chunk, out in zip(chunks, outputs):
-                chunk.hidden = out
-            logger.debug("layer %d: outlier ratio %.6f", index, scores[-1])
-    finally:
-        model.train(was_training)
-    return scores
+        def add(name: str, inputs: tuple) -> None:
+            sq_norms[name] += inputs[0].reshape(-1, inputs[0].shape[-1]).float().pow(2).sum(dim=0)
+
+        hooks = [mod.register_forward_hook(lambda _m, inputs, _o, n=name: add(n, inputs))
+                 for name, mod in linears.items()]
+        try:
+            outputs = [_layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs)) for chunk in chunks]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for chunk, out in zip(chunks, outputs):
+            chunk.hidden = out
+        return outlier_ratio([adapter.weight_matrix(mod).abs().float() * sq_norms[name].sqrt().unsqueeze(0)
+                              for name, mod in linears.items()], m)
+
+    return _layer_by_layer(adapter, calib_windows, batch_size, score)
 
 
 def compute_importance(
