@@ -222,6 +222,11 @@ def test_layer_ratios_setting_is_checked_up_front(tmp_path):
 
     with pytest.raises(ConfigError, match="file not found"):
         check_inputs(TrialConfig(layer_ratios=str(tmp_path / "missing.json")).validate())
+    from raysparse.search.space_file import parse_space
+
+    space = parse_space({"fixed": {"method": "wanda", "sparsity": 0.8, "layer_ratios": "runs/p/best_profile.json"},
+                         "params": {"lr": {"loguniform": [1e-5, 1e-3]}}}, "space")
+    assert space.fixed["layer_ratios"] == "runs/p/best_profile.json"  # a search's trials start from it
 
 
 @pytest.mark.slow
