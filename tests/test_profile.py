@@ -155,7 +155,8 @@ def test_search_writes_a_profile_that_prune_accepts_and_refuses_for_another_mode
     model_dir = saved_model_dir()
     out = tmp_path / "search"
     code = profile_main(_flags(model_dir, text_files, out, "--profile-levels", "0.4:0.8:0.1", "--generations", "3",
-                               "--offspring", "3", "--survivors", "2", "--fidelity", "1,2", "--no-compare"))
+                               "--offspring", "3", "--survivors", "2", "--fidelity", "1,2", "--no-compare",
+                               "--rescore", "2", "--eval-max-windows", "2"))
     assert code == 0, capsys.readouterr().err
     saved = json.loads((out / "best_profile.json").read_text())
     record = json.loads((out / "profile_search.json").read_text())
@@ -163,6 +164,9 @@ def test_search_writes_a_profile_that_prune_accepts_and_refuses_for_another_mode
     assert sum(saved["layer_ratios"]) / 2 == pytest.approx(0.6)
     assert record["kl"] <= record["kl_uniform"] + 1e-9 and record["database"] == {"computed": 2}
     assert (out / "profile.png").stat().st_size > 1000
+    rescored = record["rescored"]  # re-pruned sequentially, best validation perplexity first, and chosen
+    assert 1 <= len(rescored) <= 2 and [r["val_ppl"] for r in rescored] == sorted(r["val_ppl"] for r in rescored)
+    assert record["profile"] == rescored[0]["profile"]
     again = profile_main(_flags(model_dir, text_files, tmp_path / "again", "--profile-levels", "0.4:0.8:0.1",
                                 "--generations", "1", "--offspring", "2", "--fidelity", "1,2", "--no-compare",
                                 "--storage", str(out / "layer_db")))

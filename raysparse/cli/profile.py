@@ -39,6 +39,9 @@ def build_profile_parser() -> argparse.ArgumentParser:
     g.add_argument("--storage", default=None,
                    help="folder or URI of the layer database (the statistics cache; default --stats-cache, "
                         "else OUTPUT/layer_db)")
+    g.add_argument("--rescore", type=int, default=0,
+                   help="prune the K best profiles sequentially (as launch/prune.py does) and keep the one with the "
+                        "best validation perplexity (default 0: the best KL)")
     g.add_argument("--no-compare", dest="compare", action="store_false",
                    help="skip the importance and OWL profiles drawn beside the searched one")
     add_settings(p, TrialConfig)
@@ -56,7 +59,7 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
         options = ProfileOptions(levels=args.levels, search=args.search, generations=args.generations,
                                  offspring=args.offspring, survivors=args.survivors, fidelity=args.fidelity,
                                  max_step=args.max_step, trials=args.trials, workers=args.eval_workers,
-                                 storage=args.storage, compare=args.compare)
+                                 storage=args.storage, compare=args.compare, rescore=args.rescore)
         from raysparse.config.inputs import check_inputs
         from raysparse.profile.driver import check_profile_request, run_profile_search
 

@@ -147,6 +147,13 @@ class ProfileAssembler:
         self.current: list[int | None] = [None] * len(self.layers)  # None = dense
 
     @torch.no_grad()
+    def restore_dense(self) -> None:
+        for index, layer in enumerate(self.layers):
+            for name, module in self.adapter.prunable_linears(layer).items():
+                module.weight.data.copy_(self.dense[index][name])
+        self.current = [None] * len(self.layers)
+
+    @torch.no_grad()
     def apply(self, profile: Sequence[int]) -> None:
         for index, level in enumerate(profile):
             if self.current[index] == level:

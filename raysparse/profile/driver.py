@@ -40,6 +40,7 @@ class ProfileOptions:
     workers: int = 0  # Ray actors scoring candidates (0: in-process)
     storage: str | None = None  # the database cache; default --stats-cache, else OUTPUT/layer_db
     compare: bool = True  # also compute importance / OWL profiles for the plot
+    rescore: int = 0  # re-prune the best K profiles sequentially and keep the best validation perplexity
 
     def fidelities(self) -> list[int]:
         try:
@@ -74,6 +75,8 @@ def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[
         if importlib.util.find_spec("cmaes") is None:
             raise ConfigError("--search cmaes needs the cmaes package (Optuna's CMA-ES): pip install cmaes, "
                               "or use --search tpe")
+    if options.rescore < 0:
+        raise ConfigError(f"--rescore must be >= 0, got {options.rescore}")
     for name in ("generations", "offspring", "survivors", "max_step", "trials"):
         if getattr(options, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
@@ -137,11 +140,28 @@ def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float],
     return str(path)
 
 
+def rescore(ctx, config: TrialConfig, assembler, candidates: list[tuple[list[int], float]],
+            levels: list[float]) -> list[dict[str, Any]]:
+    """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
+    rank them by validation perplexity: the search ranks *assembled* models, whose order the
+    sequential prune does not always keep. Best first."""
+    from raysparse.prune import prune
+
+    rows = []
+    for profile, kl in candidates:
+        assembler.restore_dense()
+        prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, [levels[i] for i in profile])
+        rows.append({"profile": profile, "kl": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
+        logger.info("rescored %s: KL %.4g, validation perplexity %.4g", profile, kl, rows[-1]["val_ppl"])
+    assembler.restore_dense()
+    return sorted(rows, key=lambda row: row["val_ppl"])
+
+
 def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
     """The whole search; returns its record (also written to OUTPUT/profile_search.json)."""
     from raysparse.config.layer_ratios import write_layer_ratios
     from raysparse.models.fingerprint import model_fingerprint
-    from raysparse.profile.database import build_database
+    from raysparse.profile.database import ProfileAssembler, build_database
     from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
     from raysparse.profile.search import evolve, optuna_search
     from raysparse.trial.cache import StatsCache
@@ -185,6 +205,7 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     else:
         evaluate = ParallelEvaluator(local=ProfileEvaluator(model, database, windows, reference,
                                                              config.eval_batch_size, ctx.device))
+    assembler = evaluate.local.assembler if evaluate.local is not None else ProfileAssembler(adapter, database)
     start = target_index(levels, config.target_ratio)
     search_started = time.perf_counter()
     if options.search == "evolution":
@@ -199,6 +220,9 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         import ray
 
         ray.shutdown()
+    rescored = rescore(ctx, config, assembler, result.top(options.rescore), levels) if options.rescore else []
+    if rescored:
+        result.best, result.fitness = rescored[0]["profile"], rescored[0]["kl"]
     ratios = [levels[i] for i in result.best]
     revision = getattr(model.config, "_commit_hash", None)
     fingerprint = model_fingerprint(ctx.loaded.path, revision)
@@ -207,7 +231,7 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         "options": asdict(options), "layer_ratios": ratios, "profile": result.best,
         "total_sparsity": total_sparsity(result.best, levels, sizes), "kl": result.fitness, "kl_uniform": uniform_kl,
         "curve": result.curve, "evaluations": {str(k): v for k, v in result.evaluations.items()},
-        "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
+        "rescored": rescored, "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
         "search_s": round(search_s, 3), "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
     }
     profiles = {"uniform": [config.target_ratio] * len(layers)}

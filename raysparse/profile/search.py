@@ -30,6 +30,11 @@ class SearchResult:
     fitness: float  # at the highest fidelity
     curve: list[float] = field(default_factory=list)  # best fitness after each generation (highest fidelity)
     evaluations: dict[int, int] = field(default_factory=dict)  # windows -> profiles scored with that many
+    scored: dict[tuple[int, ...], float] = field(default_factory=dict)  # every profile scored at the top fidelity
+
+    def top(self, k: int) -> list[tuple[list[int], float]]:
+        """The k best distinct profiles scored at the highest fidelity, best first."""
+        return [(list(p), f) for p, f in sorted(self.scored.items(), key=lambda item: item[1])[:k]]
 
 
 def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate: Evaluate,
@@ -40,7 +45,7 @@ def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate
     top = fidelities[-1]
     parent = list(start)
     parent_fit = evaluate([parent], top)[0]
-    result = SearchResult(parent, parent_fit, [parent_fit], {top: 1})
+    result = SearchResult(parent, parent_fit, [parent_fit], {top: 1}, {tuple(parent): parent_fit})
     bar = tqdm(range(generations), desc="profile search", leave=False)
     for _ in bar:
         children = {tuple(mutate(parent, sizes, num_levels, rng, max_step)) for _ in range(offspring)}
@@ -50,6 +55,8 @@ def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate
                 break
             scores = evaluate(candidates, windows)
             result.evaluations[windows] = result.evaluations.get(windows, 0) + len(candidates)
+            if windows == top:
+                result.scored.update({tuple(c): f for c, f in zip(candidates, scores)})
             order = sorted(range(len(candidates)), key=scores.__getitem__)
             keep = 1 if stage == len(fidelities) - 1 else max(1, survivors)
             best_scores = [scores[i] for i in order[:keep]]
@@ -85,6 +92,7 @@ def optuna_search(start: int, sizes: Sequence[int], num_levels: int, evaluate: E
         result.evaluations[windows] += len(profiles)
         for trial, profile, score in zip(asked, profiles, scores):
             study.tell(trial, score)
+            result.scored[tuple(profile)] = score
             if score < best_fit:
                 best, best_fit = profile, score
         result.curve.append(best_fit)
