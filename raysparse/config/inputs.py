@@ -41,6 +41,10 @@ def check_inputs(config: Any) -> None:
             raise DataError(f"{flag}: {exc}") from None
     if config.importance_config:
         read_importance_file(config.importance_config, config.model)
+    if getattr(config, "layer_ratios", None):
+        from raysparse.config.layer_ratios import read_layer_ratios
+
+        read_layer_ratios(config.layer_ratios)
     check_hub(config)
 
 

@@ -149,10 +149,15 @@ class TrialConfig:
     min_pruning_rate: float = setting(0.0, "lowest per-layer ratio", within="[0, 1)", group=RATIOS)
     max_pruning_rate: float = setting(0.95, "highest per-layer ratio", within="[0, 1)", group=RATIOS)
     importance_method: str = setting("removal", "removal: loss change when a layer is skipped; "
-                                     "activation: how much a layer changes its input",
-                                     choices=("removal", "activation"), group=RATIOS)
+                                     "activation: how much a layer changes its input; owl: share of outlier "
+                                     "weights (|W|*||X|| above owl_m x the layer mean; use with inverse)",
+                                     choices=("removal", "activation", "owl"), group=RATIOS)
+    owl_m: float = setting(5.0, "owl: a score counts as an outlier above owl_m x its layer's mean score",
+                           within="> 0", fix="the OWL paper uses 5 to 10", group=RATIOS)
     importance_samples: int = setting(50, "windows the importance analysis reads", within=">= 1", group=RATIOS)
     importance_config: str | None = setting(None, "reuse a layer_importance.json (skips the analysis)", group=RATIOS)
+    layer_ratios: str | None = setting(None, "per-layer ratios from a JSON file (a profile search's "
+                                       "best_profile.json): checked against the model and the target", group=RATIOS)
     pruning_ratio: float | None = setting(None, "fraction of the prunable parameters (kv groups + MLP channels) in "
                                           "[layer_start, layer_end) to remove, e.g. 0.25", within="(0, 1)",
                                           fix="give the fraction of parameters to remove, e.g. 0.25", group=STRUCTURED)
@@ -231,6 +236,16 @@ class TrialConfig:
                               "layer_end is exclusive and must be larger than layer_start")
 
     def _validate_allocation(self) -> None:
+        if self.layer_ratios is not None:
+            if self.pruning_strategy != "uniform":
+                raise ConfigError("--layer-ratios gives the per-layer ratios itself: drop --pruning-strategy "
+                                  f"{self.pruning_strategy} (or drop --layer-ratios)")
+            if self.is_structured or self.pattern.is_nm:
+                raise ConfigError("--layer-ratios needs unstructured pruning at a fractional sparsity: N:M patterns "
+                                  "are fixed per layer, structured pruning takes --pruning-ratio")
+            if self.method == "magnitude" and self.magnitude_scope == "global":
+                raise ConfigError("a global magnitude threshold sets its own per-layer ratios: drop --layer-ratios "
+                                  "or use magnitude_scope layer")
         if self.pruning_strategy == "uniform":
             return
         if self.pattern.is_nm and not self.is_structured:
