@@ -123,6 +123,9 @@ class TrialConfig:
                                        also=(list,), group=RECOVERY)
     workers: int = setting(1, "Ray Train FSDP workers for masked recovery (1 = in-process)", within=">= 1",
                            group=RECOVERY)
+    worker_retries: int = setting(2, "restarts of the Ray Train workers from their last epoch checkpoint after a "
+                                  "worker or node failure (a NaN loss is not retried)", within=">= 0",
+                                  group=RECOVERY)
     distill: str = setting("none", "recovery loss from the dense model: logits (KL of the next-token distributions) "
                            "or squarehead (logit KL + normalised per-layer feature MSE)", choices=DISTILL_MODES,
                            group=RECOVERY)

@@ -23,6 +23,17 @@ Batch semantics: `settings.batch_size` is the GLOBAL batch. Each of the N worker
 optimizer steps as local training and the trajectory does not depend on the worker count
 (up to data order).
 
+Failures and a loaded machine: Ray Train restarts the worker group from the latest epoch
+checkpoint up to `retries` times (`FailureConfig(max_failures=...)`) after a worker, node or
+collective failure. A NaN loss, a broken mask or a bad setting would only repeat: the failing
+rank records it in `worker_error.json` and the restarted workers find it and stop at once,
+so the driver raises it without retraining. Ray's start-up timeouts assume an idle machine
+(60 s for a worker group to start); `TRAIN_ENV` sizes them for 2 workers importing torch
+beside busy cores. Train state tracking and the PlacementGroupCleaner both poll the State API,
+which only a dashboard serves: without a reachable dashboard state tracking stays off and the
+cleaner is not started (its failed polls printed a warning a second and, under load, it could
+remove the live run's placement group).
+
 Early stopping is decided over the whole run (epochs before a resume count), and the run
 log in each checkpoint says which epochs each (re)start trained. Known limit: `fit` builds
 its AdamW optimizer and LR schedule itself, so after a resume the optimizer moments and the
@@ -50,10 +61,15 @@ from raysparse.sparsity.masks import Masks, MaskViolation, verify_masks
 
 logger = logging.getLogger(__name__)
 
-
-
-
-
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+# Ray Train's timeouts, sized for slow start-up (a value the user set is kept). Read where the
+# trainer is built and passed on to its controller and workers.
+TRAIN_ENV = {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # Ray's 60 s: too short beside busy cores
+    "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "1200",  # a starved worker is slow, not dead
+}
+DEFAULT_RETRIES = 2
+DASHBOARD_PROBE_TIMEOUT_S = 2.0
 
 # --------------------------------------------------------------------------------------
 # driver
@@ -71,6 +87,7 @@ def train_masked_distributed(
     cpus_per_worker: float = 1,
     teacher: nn.Module | None = None,
     distill: DistillSettings | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> TrainResult:
     """Fine-tune a pruned `model` on `workers` FSDP workers, keeping `masks` exact.
 
@@ -113,7 +130,7 @@ def train_masked_distributed(
             if previous is not None:
                 logger.info("run '%s' resumes after epoch %d", run_name, previous[1]["records"][-1]["epoch"])
             result = _run_trainer(job, state, workers, storage_path, run_name, use_gpu, cpus_per_worker,
-                                  teacher_state)
+                                  teacher_state, retries)
         return _finish(model, masks, result, settings, run_name)
     finally:
         if started_ray:
@@ -192,11 +209,81 @@ def _check_resources(resources: dict[str, float], workers: int, cpus_per_worker:
         )
 
 
+def dashboard_reachable() -> bool:
+    """True when the connected Ray cluster has a dashboard that answers (it serves the State API)."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from ray._private.services import get_webui_url_from_internal_kv
+
+        url = get_webui_url_from_internal_kv()
+    except Exception:  # noqa: BLE001 - private API moved, or not connected: no dashboard known
+        return False
+    if not url:
+        return False
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if not parsed.hostname or not parsed.port:
+        return False
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=DASHBOARD_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _train_env(dashboard: bool) -> dict[str, str]:
+    """The Ray Train environment for this run: timeouts, and state tracking only with a dashboard."""
+    env = {name: os.environ.get(name, value) for name, value in TRAIN_ENV.items()}
+    env[STATE_TRACKING_ENV] = os.environ.get(STATE_TRACKING_ENV, "1" if dashboard else "0")
+    return env
+
+
+class _EnvSet:
+    """Set environment variables for a block and restore them after (Ray reads them in `fit`)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.saved = env, {}
+
+    def __enter__(self) -> None:
+        self.saved = {name: os.environ.get(name) for name in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _trainer_class(dashboard: bool) -> type:
+    """TorchTrainer, without the PlacementGroupCleaner when no dashboard serves the State API.
+
+    The cleaner (a default callback of every Train V2 run) removes the run's placement group
+    when a State API query says the controller is gone; with no dashboard every query fails.
+    Overrides Ray's private `_create_default_callbacks` (pinned by tests/test_distributed_load.py).
+    """
+    from ray.train.torch import TorchTrainer
+
+    if dashboard:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class TrainerWithoutStateApi(TorchTrainer):
+        def _create_default_callbacks(self):  # noqa: ANN202 - Ray's signature
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    return TrainerWithoutStateApi
+
+
 def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storage_path: str, run_name: str,
-                 use_gpu: bool, cpus_per_worker: float, teacher_state: dict[str, torch.Tensor] | None = None):
+                 use_gpu: bool, cpus_per_worker: float, teacher_state: dict[str, torch.Tensor] | None = None,
+                 retries: int = DEFAULT_RETRIES):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     scored = job.settings.keep_best and job.eval_spec is not None
     # The latest checkpoint is always kept (resume needs it); with keep_best also the best.
@@ -204,28 +291,38 @@ def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storag
                                           checkpoint_score_order="min")
                          if scored else CheckpointConfig(num_to_keep=1))
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    # Read when the trainer is built: lists the run in the dashboard's Train tab (its state
-    # actor lives on the head node, outside any Tune trial's placement group). Opt out with 0.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"job": ray.put(job), "state": ray.put(state),
-                           "teacher_state": ray.put(teacher_state) if teacher_state is not None else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage_path, checkpoint_config=checkpoint_config,
-            # A NaN or a bug repeats on retry; a killed run is resumed by calling again.
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
-    try:
-        return trainer.fit()
-    except Exception as error:  # noqa: BLE001 - re-raised as the worker's own error when we know it
-        surfaced = _worker_error(error, job.error_file)
-        if surfaced is error:
-            raise
-        raise surfaced from error
+    if job.error_file:  # left by a killed earlier call: it would stop these workers at once
+        Path(job.error_file).unlink(missing_ok=True)
+    dashboard = dashboard_reachable()
+    env = _train_env(dashboard)
+    if not dashboard:
+        logger.info("no Ray dashboard reachable: Train state tracking and placement-group cleaner off")
+    # With a dashboard, state tracking lists the run in its Train tab (the state actor lives on
+    # the head node, outside any Tune trial's placement group). Opt out with the variable at 0.
+    with _EnvSet(env):
+        trainer = _trainer_class(dashboard)(
+            _train_worker,
+            train_loop_config={"job": ray.put(job), "state": ray.put(state),
+                               "teacher_state": ray.put(teacher_state) if teacher_state is not None else None},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=run_name, storage_path=storage_path, checkpoint_config=checkpoint_config,
+                # Restarts resume from the latest epoch checkpoint; a recorded NaN / mask error is not retried.
+                failure_config=FailureConfig(max_failures=retries),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as error:  # noqa: BLE001 - re-raised as the worker's own error when we know it
+            surfaced = _worker_error(error, job.error_file)
+            if surfaced is error:
+                raise
+            raise surfaced from error
+    recorded = _recorded_worker_error(job.error_file)  # the restarted workers found it and stopped
+    if recorded is not None:
+        raise recorded
+    return result
 
 
 def _recorded_worker_error(error_file: str) -> Exception | None:
