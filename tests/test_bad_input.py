@@ -104,6 +104,23 @@ def test_config_file_errors_are_one_line(case, content, fragment, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name,content,fragment", [
+    ("config.yaml", b"a: [1\n", "expected ',' or ']', but got '<stream end>' at line 2, column 1"),
+    ("config.yaml", bytes(range(256)), "not UTF-8 text"),
+])
+def test_config_file_parse_errors_are_one_line(name, content, fragment, tmp_path, capsys):  # item 1, siblings
+    """YAML's own message spans three lines with a caret drawing; binary is not a traceback."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    one_line_error(prune_main, ["--config", str(path)], capsys, fragment)
+
+
+def test_a_model_folder_without_a_model_is_named_before_the_data(tmp_path, capsys):  # item 11, sibling
+    """An empty folder as --model: the model's problem, not the default hub datasets'."""
+    one_line_error(prune_main, ["--model", str(tmp_path), "--output", str(tmp_path / "out")], capsys,
+                   "has no config.json")
+
+
 def test_the_prune_script_refuses_a_missing_config_before_importing_torch(tmp_path):  # item 1, end to end
     proc, took = run_script("prune.py", "--config", str(tmp_path / "nope.json"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2
@@ -256,6 +273,18 @@ def test_search_settings_are_refused_before_ray(args, fragment, tmp_path, capsys
     storage = tmp_path / "runs"
     one_line_error(search_main, args + ["--storage", str(storage)], capsys, fragment)
     assert not storage.exists() and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"fixed:\n  model: tiny\ndescription: a: b\n", "mapping values are not allowed here at line 3, column 15"),
+    (bytes(range(256)), "not UTF-8 text"),
+])
+def test_a_space_that_does_not_parse_is_one_line(content, fragment, tmp_path, capsys):  # item 8's sibling
+    space = tmp_path / "space.yaml"
+    space.write_bytes(content)
+    storage = tmp_path / "runs"
+    one_line_error(search_main, ["--space", str(space), "--storage", str(storage)], capsys, fragment)
+    assert not storage.exists()
 
 
 @pytest.mark.parametrize("data,fragment", [

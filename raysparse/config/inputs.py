@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from raysparse.data.text import NAMED_DATASETS, sniff_text_file
-from raysparse.errors import ConfigError, DataError
+from raysparse.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ DATA_FLAGS = {"calib_data": "--calib-data", "eval_data": "--eval-data", "val_dat
 def check_inputs(config: Any) -> None:
     """Every file-level check of a TrialConfig (its settings are validated already)."""
     check_output_dir(config.output)
+    check_local_model(config.model)
     for name, flag in DATA_FLAGS.items():
         value = getattr(config, name)
         if value is None or value in NAMED_DATASETS:
@@ -84,6 +85,39 @@ def hub_dataset_cached(name: str) -> bool:
             if folder.is_dir() and any(folder.iterdir()):
                 return True
     return False
+
+
+def check_model_folder(name_or_path: str) -> None:
+    """A local --model folder holds a model: config.json that parses, and weight files."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder "
+                         "or a .gguf file")
+    try:
+        json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise ModelError(f"{name_or_path}/config.json is not valid JSON ({reason}): restore it from the model's "
+                         "source (save_pretrained or the hub) or point --model at another folder") from None
+    weight_files = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+                    for p in path.glob(pattern)]
+    if not weight_files:
+        raise ModelError(
+            f"{name_or_path} has a config.json but no weights (*.safetensors or *.bin): "
+            "copy the weight files into the folder or use save_pretrained"
+        )
+
+
+def check_local_model(model: str) -> None:
+    """The model checks that need no torch, so they come before the data checks: a local
+    folder (not a GGUF file, nor a folder of GGUF files, which the loader checks) holds a model."""
+    path = Path(model).expanduser()
+    if model == "tiny" or is_hub_id(model) or model.lower().endswith(".gguf") or (
+            path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf"))):
+        return
+    check_model_folder(model)
 
 
 def check_hub(config: Any) -> None:
