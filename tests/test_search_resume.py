@@ -108,10 +108,21 @@ params:
 """
 
 
+def mid_second_trial(experiment) -> bool:
+    """A trial finished and another has checkpointed an iteration but not finished (or, if
+    that moment was missed, two finished): the moment to kill the driver."""
+    trials: dict = {}
+    for summary in experiment.glob("*/checkpoint_*/summary.json"):
+        trials[summary.parent.parent] = trials.get(summary.parent.parent, False) or is_complete(summary)
+    done = sum(trials.values())
+    return done >= 2 or (done == 1 and len(trials) >= 2)
+
+
 def test_an_interrupted_and_resumed_search_chooses_what_an_uninterrupted_one_does(tiny_preset, tmp_path):
-    """Issue 17, item 5: the same seed, the same best configuration, the same trial outcomes,
-    whether or not the driver was killed in the middle (after its first finished trial, while
-    the next runs) and the search resumed with --resume."""
+    """Issue 17, item 5: the same seed, the same best configuration, the same trial outcomes
+    (ASHA stops one of the three), whether or not the driver was killed in the middle (after
+    its first finished trial, while the second runs; whether that one then resumes from its
+    checkpoint or restarts depends on Tune's last state snapshot) and resumed with --resume."""
     import os
     import signal
     import subprocess
@@ -121,7 +132,7 @@ def test_an_interrupted_and_resumed_search_chooses_what_an_uninterrupted_one_doe
 
     space = tmp_path / "space.yaml"
     space.write_text(SEEDED_SPACE)
-    common = ["--space", str(space), "--num-samples", "4", "--max-concurrent", "1", "--seed", "3",
+    common = ["--space", str(space), "--num-samples", "3", "--max-concurrent", "1", "--seed", "3",
               "--grace-sparsity-pct", "20", "--no-final-eval", "--storage", str(tmp_path / "runs")]
     root = Path(__file__).resolve().parents[1]
     assert not ray.is_initialized()
@@ -135,8 +146,8 @@ def test_an_interrupted_and_resumed_search_chooses_what_an_uninterrupted_one_doe
                             start_new_session=True)
     experiment = tmp_path / "runs" / "cut"
     deadline = time.time() + 300
-    while time.time() < deadline and not any(is_complete(p) for p in experiment.glob("*/checkpoint_*/summary.json")):
-        time.sleep(0.5)
+    while time.time() < deadline and not mid_second_trial(experiment):
+        time.sleep(0.2)
     killed_running = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=30)
@@ -154,6 +165,6 @@ def test_an_interrupted_and_resumed_search_chooses_what_an_uninterrupted_one_doe
 
     straight_best, straight_trials = outcome("straight")
     cut_best, cut_trials = outcome("cut")
-    assert len(straight_trials) == 4
+    assert len(straight_trials) == 3 and "stopped" in {status for _, status, _ in straight_trials}
     assert cut_trials == straight_trials
     assert cut_best == straight_best
