@@ -52,13 +52,13 @@ def test_a_two_worker_recovery_survives_busy_cores_without_a_dashboard(tiny_pres
 
 
 def test_the_trainer_drops_only_the_state_api_cleaner_without_a_dashboard():
-    """Pins Ray's private `_create_default_callbacks`, which `_trainer_class` overrides."""
+    """Pins Ray's private `_create_default_callbacks`, which `trainer_class` overrides."""
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from raysparse.recover.distributed.driver import _trainer_class
+    from raysparse.recover.distributed.ray_env import trainer_class
 
     def kinds(dashboard: bool) -> list[str]:
-        trainer = _trainer_class(dashboard)(lambda config: None)
+        trainer = trainer_class(dashboard)(lambda config: None)
         return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
 
     with_dashboard, without = kinds(True), kinds(False)

@@ -54,6 +54,7 @@ from torch import nn
 from raysparse.errors import ConfigError, RaysparseError
 from raysparse.recover.distill import DistillSettings
 from raysparse.recover.distributed.job import EvalSpec, TeacherJob, _Job
+from raysparse.recover.distributed.ray_env import EnvSet, dashboard_reachable, train_env, trainer_class
 from raysparse.recover.distributed.weights import _dedupe, _fingerprint, _is_tied, _read_meta, _read_weights
 from raysparse.recover.distributed.worker import _floating_dtype, _train_worker
 from raysparse.recover.loop import EpochRecord, TrainingDiverged, TrainResult, TrainSettings
@@ -61,15 +62,7 @@ from raysparse.sparsity.masks import Masks, MaskViolation, verify_masks
 
 logger = logging.getLogger(__name__)
 
-STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
-# Ray Train's timeouts, sized for slow start-up (a value the user set is kept). Read where the
-# trainer is built and passed on to its controller and workers.
-TRAIN_ENV = {
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # Ray's 60 s: too short beside busy cores
-    "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "1200",  # a starved worker is slow, not dead
-}
 DEFAULT_RETRIES = 2
-DASHBOARD_PROBE_TIMEOUT_S = 2.0
 
 # --------------------------------------------------------------------------------------
 # driver
@@ -209,75 +202,6 @@ def _check_resources(resources: dict[str, float], workers: int, cpus_per_worker:
         )
 
 
-def dashboard_reachable() -> bool:
-    """True when the connected Ray cluster has a dashboard that answers (it serves the State API)."""
-    import socket
-    from urllib.parse import urlparse
-
-    try:
-        from ray._private.services import get_webui_url_from_internal_kv
-
-        url = get_webui_url_from_internal_kv()
-    except Exception:  # noqa: BLE001 - private API moved, or not connected: no dashboard known
-        return False
-    if not url:
-        return False
-    parsed = urlparse(url if "://" in url else f"http://{url}")
-    if not parsed.hostname or not parsed.port:
-        return False
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=DASHBOARD_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def _train_env(dashboard: bool) -> dict[str, str]:
-    """The Ray Train environment for this run: timeouts, and state tracking only with a dashboard."""
-    env = {name: os.environ.get(name, value) for name, value in TRAIN_ENV.items()}
-    env[STATE_TRACKING_ENV] = os.environ.get(STATE_TRACKING_ENV, "1" if dashboard else "0")
-    return env
-
-
-class _EnvSet:
-    """Set environment variables for a block and restore them after (Ray reads them in `fit`)."""
-
-    def __init__(self, env: dict[str, str]):
-        self.env, self.saved = env, {}
-
-    def __enter__(self) -> None:
-        self.saved = {name: os.environ.get(name) for name in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc: object) -> None:
-        for name, value in self.saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _trainer_class(dashboard: bool) -> type:
-    """TorchTrainer, without the PlacementGroupCleaner when no dashboard serves the State API.
-
-    The cleaner (a default callback of every Train V2 run) removes the run's placement group
-    when a State API query says the controller is gone; with no dashboard every query fails.
-    Overrides Ray's private `_create_default_callbacks` (pinned by tests/test_distributed_load.py).
-    """
-    from ray.train.torch import TorchTrainer
-
-    if dashboard:
-        return TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    class TrainerWithoutStateApi(TorchTrainer):
-        def _create_default_callbacks(self):  # noqa: ANN202 - Ray's signature
-            return [cb for cb in super()._create_default_callbacks()
-                    if not isinstance(cb, PlacementGroupCleanerCallback)]
-
-    return TrainerWithoutStateApi
-
-
 def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storage_path: str, run_name: str,
                  use_gpu: bool, cpus_per_worker: float, teacher_state: dict[str, torch.Tensor] | None = None,
                  retries: int = DEFAULT_RETRIES):
@@ -294,13 +218,13 @@ def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storag
     if job.error_file:  # left by a killed earlier call: it would stop these workers at once
         Path(job.error_file).unlink(missing_ok=True)
     dashboard = dashboard_reachable()
-    env = _train_env(dashboard)
+    env = train_env(dashboard)
     if not dashboard:
         logger.info("no Ray dashboard reachable: Train state tracking and placement-group cleaner off")
     # With a dashboard, state tracking lists the run in its Train tab (the state actor lives on
     # the head node, outside any Tune trial's placement group). Opt out with the variable at 0.
-    with _EnvSet(env):
-        trainer = _trainer_class(dashboard)(
+    with EnvSet(env):
+        trainer = trainer_class(dashboard)(
             _train_worker,
             train_loop_config={"job": ray.put(job), "state": ray.put(state),
                                "teacher_state": ray.put(teacher_state) if teacher_state is not None else None},
