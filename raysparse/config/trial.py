@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from raysparse.config.declare import check_settings, from_mapping, setting
-from raysparse.errors import ConfigError
+from raysparse.errors import ConfigError, parse_error_line
 from raysparse.sparsity.pattern import SparsityPattern, parse_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "structured")
@@ -123,6 +123,9 @@ class TrialConfig:
                                        also=(list,), group=RECOVERY)
     workers: int = setting(1, "Ray Train FSDP workers for masked recovery (1 = in-process)", within=">= 1",
                            group=RECOVERY)
+    worker_retries: int = setting(2, "restarts of the Ray Train workers from their last epoch checkpoint after a "
+                                  "worker or node failure (a NaN loss is not retried)", within=">= 0",
+                                  group=RECOVERY)
     distill: str = setting("none", "recovery loss from the dense model: logits (KL of the next-token distributions) "
                            "or squarehead (logit KL + normalised per-layer feature MSE)", choices=DISTILL_MODES,
                            group=RECOVERY)
@@ -321,11 +324,11 @@ class TrialConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_bytes().decode("utf-8")
             values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
         except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+            raise ConfigError(f"cannot parse config file {path}: {parse_error_line(exc)}") from None
         if isinstance(values, dict) and "config" in values and isinstance(values["config"], dict):
             values = values["config"]  # accept a summary.json directly
         if not isinstance(values, dict):
