@@ -29,3 +29,15 @@ class Interrupted(Exception):
         super().__init__("interrupted")
         self.resume = resume
         self.report = report
+
+
+def parse_error_line(exc: Exception) -> str:
+    """One line for a YAML / JSON / decoding error: YAML's own message spans several lines
+    with a caret drawing, which the one-line error rule cannot carry."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -104,6 +104,23 @@ def test_config_file_errors_are_one_line(case, content, fragment, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name,content,fragment", [
+    ("config.yaml", b"a: [1\n", "expected ',' or ']', but got '<stream end>' at line 2, column 1"),
+    ("config.yaml", bytes(range(256)), "not UTF-8 text"),
+])
+def test_config_file_parse_errors_are_one_line(name, content, fragment, tmp_path, capsys):  # item 1, siblings
+    """YAML's own message spans three lines with a caret drawing; binary is not a traceback."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    one_line_error(prune_main, ["--config", str(path)], capsys, fragment)
+
+
+def test_a_model_folder_without_a_model_is_named_before_the_data(tmp_path, capsys):  # item 11, sibling
+    """An empty folder as --model: the model's problem, not the default hub datasets'."""
+    one_line_error(prune_main, ["--model", str(tmp_path), "--output", str(tmp_path / "out")], capsys,
+                   "has no config.json")
+
+
 def test_the_prune_script_refuses_a_missing_config_before_importing_torch(tmp_path):  # item 1, end to end
     proc, took = run_script("prune.py", "--config", str(tmp_path / "nope.json"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2
@@ -111,16 +128,21 @@ def test_the_prune_script_refuses_a_missing_config_before_importing_torch(tmp_pa
     assert took < UP_FRONT_S and not (tmp_path / "out").exists()
 
 
-def test_an_unreachable_hub_refuses_an_uncached_model_at_once(tmp_path):  # item 11
-    """No half a minute of retries, no warning printed twice: one line, before torch is imported."""
-    with socket.socket() as sock:  # a port nothing listens on: the hub is unreachable, network or not
+def unreachable_hub_env(tmp_path: Path) -> dict[str, str]:
+    """An empty Hugging Face cache and a hub endpoint nothing listens on (network or not)."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    return {**env, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_an_unreachable_hub_refuses_an_uncached_model_at_once(tmp_path):  # item 11
+    """No half a minute of retries, no warning printed twice: one line, before torch is imported."""
     started = child_cpu_s()
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "prune.py"), "--model", "facebook/opt-125m", "-q",
                            "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": f"http://127.0.0.1:{port}",
-                               "HF_HOME": str(tmp_path / "hf")})
+                          env=unreachable_hub_env(tmp_path))
     assert proc.returncode == 2 and child_cpu_s() - started < UP_FRONT_S
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face hub"), proc.stderr
@@ -136,6 +158,30 @@ def test_an_unreachable_hub_refuses_an_uncached_model_at_once(tmp_path):  # item
 def test_eval_cost_settings_are_checked_up_front(args, fragment, tmp_path, capsys):  # issue 13
     one_line_error(prune_main, args + ["--output", str(tmp_path / "out")], capsys, fragment)
     assert not (tmp_path / "out").exists()
+
+
+# prune_main in a fresh interpreter, which then says whether torch was ever imported (no model load).
+PRUNE_AND_TELL = ("import sys; from raysparse.cli.prune import prune_main; code = prune_main(sys.argv[1:]); "
+                  "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub unreachable", "HF_HUB_OFFLINE"])
+def test_an_uncached_hub_dataset_is_refused_before_the_model_loads(offline, tmp_path):  # item 11
+    env = unreachable_hub_env(tmp_path)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    started, wall = child_cpu_s(), time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PRUNE_AND_TELL, "--model", "tiny", "--eval-data", "wikitext2", "-q",
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
+    took, wall = child_cpu_s() - started, time.perf_counter() - wall
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: " + ("HF_HUB_OFFLINE is set" if offline else "cannot reach the Hugging Face"))
+    assert "dataset wikitext2 (--eval-data, --val-data default) is not in the local cache" in lines[0], lines[0]
+    assert proc.stdout.strip() == "torch not imported" and not (tmp_path / "out").exists()
+    # No hub retries (they took 27-31 s): CPU time is the load-proof bound on work done; the
+    # wall-clock bound leaves room for a loaded machine (about 1 s when idle).
+    assert took < UP_FRONT_S and wall < 20, (took, wall)
 
 
 @pytest.mark.parametrize("output", ["/proc/raysparse-x", "FILE/sub"])
@@ -238,6 +284,38 @@ def test_search_settings_are_refused_before_ray(args, fragment, tmp_path, capsys
     storage = tmp_path / "runs"
     one_line_error(search_main, args + ["--storage", str(storage)], capsys, fragment)
     assert not storage.exists() and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"fixed:\n  model: tiny\ndescription: a: b\n", "mapping values are not allowed here at line 3, column 15"),
+    (bytes(range(256)), "not UTF-8 text"),
+])
+def test_a_space_that_does_not_parse_is_one_line(content, fragment, tmp_path, capsys):  # item 8's sibling
+    space = tmp_path / "space.yaml"
+    space.write_bytes(content)
+    storage = tmp_path / "runs"
+    one_line_error(search_main, ["--space", str(space), "--storage", str(storage)], capsys, fragment)
+    assert not storage.exists()
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ("missing", "--eval-data: data file not found"),
+    ("binary", "--eval-data: "),
+    ("choice", "--val-data: data file not found"),
+])
+def test_a_space_naming_unreadable_data_is_refused_before_ray(data, fragment, files, tmp_path, capsys):
+    """The trial's own file checks run on the space's settings (and every file choice) before
+    Ray starts, instead of every trial failing the same way after it."""
+    evaluation = {"missing": tmp_path / "nope.txt", "binary": files["binary"]}.get(data, files["eval"])
+    val = f"{{choice: [{files['val']}, {tmp_path / 'gone.txt'}]}}"
+    space = tmp_path / "space.yaml"
+    space.write_text(f"fixed:\n  model: tiny\n  method: magnitude\n  eval_data: {evaluation}\n"
+                     + (f"  val_data: {files['val']}\n" if data != "choice" else "")
+                     + "params:\n  sparsity: {uniform: [0.3, 0.5]}\n"
+                     + (f"  val_data: {val}\n" if data == "choice" else ""))
+    storage = tmp_path / "runs"
+    line = one_line_error(search_main, ["--space", str(space), "--storage", str(storage)], capsys, fragment)
+    assert str(space) in line and not storage.exists()
 
 
 @pytest.mark.parametrize("content,fragment", [

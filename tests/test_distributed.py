@@ -140,7 +140,10 @@ def test_nan_loss_in_the_workers_raises_training_diverged(ray_cluster, tmp_path)
     with pytest.raises(TrainingDiverged, match="nan"):
         train_masked_distributed(model, masks, windows, settings(1), None, workers=2,
                                  storage_path=str(tmp_path), run_name="diverges")
-    assert time.perf_counter() - started < 120  # failed, did not hang in a collective
+    # Failed rather than hung in a collective: about 30 s here when idle, a few minutes at load
+    # 30 on 2 cores (the restart after the failure finds the recorded NaN and stops at once).
+    assert time.perf_counter() - started < 600
+    assert not (tmp_path / "diverges" / "worker_error.json").exists()  # consumed: a new run starts clean
 
 
 def test_worker_nan_surfaces_as_training_diverged():

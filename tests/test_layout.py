@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "raysparse.prune": 5, "raysparse.structured": 5,
     "raysparse.recover": 6,
     "raysparse.trial": 7,
-    "raysparse.cluster": 8,
+    "raysparse.cluster": 8, "raysparse.profile": 8,
     "raysparse.search": 9,
     "raysparse.cli": 10,
 }

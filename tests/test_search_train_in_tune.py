@@ -2,6 +2,7 @@
 its trial and its workers visible through the Ray dashboard's own HTTP API."""
 import json
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +38,21 @@ def dashboard_get(base: str, path: str):
         request.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def dashboard_poll(base: str, path: str, done, within_s: float = 180.0):
+    """Ask the dashboard until `done(answer)` or `within_s` passed; the last answer. A loaded
+    machine makes the dashboard slow to answer and slow to list what just happened."""
+    deadline = time.monotonic() + within_s
+    answer = None
+    while True:
+        try:
+            answer = dashboard_get(base, path)
+        except OSError:  # timed out or refused for a moment: ask again
+            pass
+        if (answer is not None and done(answer)) or time.monotonic() > deadline:
+            return answer
+        time.sleep(2.0)
 
 
 def actor_classes(actors) -> dict[str, str]:
@@ -81,8 +97,10 @@ def test_a_trial_with_train_workers_completes_and_shows_in_the_dashboard(tiny_pr
         report = run_search(settings)  # in the main thread: Tune installs its signal handlers there
         stop.set()
         watcher.join(timeout=60)
-        seen.update(actor_classes(dashboard_get(context.dashboard_url, "/api/v0/actors?limit=1000&detail=1")))
-        runs = dashboard_get(context.dashboard_url, "/api/train/v2/runs/v1")  # Train V2 runs
+        actors = dashboard_poll(context.dashboard_url, "/api/v0/actors?limit=1000&detail=1", lambda answer: True)
+        seen.update(actor_classes(actors) if actors is not None else {})
+        runs = dashboard_poll(context.dashboard_url, "/api/train/v2/runs/v1",  # Train V2 runs
+                              lambda answer: "recovery-iter001" in json.dumps(answer))
     finally:
         stop.set()
         ray.shutdown()

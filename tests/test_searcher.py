@@ -60,3 +60,66 @@ def test_tpe_models_conditional_parameters_jointly_and_starts_modelling_within_t
 def test_baseline_searchers(name, cls):
     space = parse_space(SPACE, source="test space")
     assert isinstance(_make_searcher(space, SearchSettings(searcher=name)).searcher._sampler, cls)
+
+
+def test_rungs_match_rays_asha_and_values_are_interpolated_to_the_rung():
+    from raysparse.search.milestones import asha_rungs, crossed_rungs, value_at
+    from raysparse.search.searcher import _make_scheduler
+
+    scheduler = _make_scheduler(SearchSettings(grace_sparsity_pct=20))
+    (bracket,) = scheduler._brackets
+    assert asha_rungs(20) == sorted(m for m, _ in bracket._rungs) == [20, 40, 80]
+    assert value_at(20, (0, 10.0), (40, 40.0)) == pytest.approx(20.0)  # geometric mean: linear in log-ppl
+    # A trial pruning 48% at once crosses 20 and 40 in one report; its next report (73%) crosses none.
+    first = {"sparsity_pct": 48, "val_ppl": 40.0, "sparsity_pct_before": 0, "val_ppl_before": 30.0}
+    assert [rung for rung, _ in crossed_rungs(first, "val_ppl", [20, 40, 80])] == [20, 40]
+    assert crossed_rungs(first, "val_ppl", [20, 40, 80])[0][1] == pytest.approx(30.0 * (40 / 30) ** (20 / 48))
+    later = {"sparsity_pct": 73, "val_ppl": 60.0, "sparsity_pct_before": 48, "val_ppl_before": 40.0}
+    assert crossed_rungs(later, "val_ppl", [20, 40, 80]) == []
+    # Without the previous point (reports of older trials) the report's own value is used.
+    assert crossed_rungs({"sparsity_pct": 26, "val_ppl": 38.0}, "val_ppl", [20, 40, 80]) == [(20, 38.0)]
+
+
+def test_asha_judges_a_fast_trial_at_the_rungs_it_jumped_not_at_its_next_report():
+    """The bias bench_search found: Ray's ASHA recorded a trial that jumped from 0 to 48% at
+    rung 40 only, then recorded its 73% perplexity at rung 20 and stopped it against the
+    others' 20% values. Now the jump is judged at 20 and 40, with values at those levels."""
+    from types import SimpleNamespace
+
+    from raysparse.search.searcher import _make_scheduler
+
+    scheduler = _make_scheduler(SearchSettings(grace_sparsity_pct=20))
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("slow1", "slow2", "fast")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def report(name, before, pct, ppl_before, ppl):
+        return scheduler.on_trial_result(None, trials[name], {"sparsity_pct": pct, "val_ppl": ppl,
+                                                              "sparsity_pct_before": before, "val_ppl_before": ppl_before})
+
+    dense = 36.0
+    assert report("slow1", 0, 26, dense, 38.0) == "CONTINUE"
+    assert report("slow2", 0, 26, dense, 37.5) == "CONTINUE"  # better than slow1 (worse would be stopped)
+    # The fast trial is better at 20% and 40% once compared at equal sparsity: kept.
+    assert report("fast", 0, 48, dense, 39.0) == "CONTINUE"
+    rungs = {m: recorded for m, recorded in scheduler._brackets[0]._rungs}
+    assert set(rungs[20]) == {"slow1", "slow2", "fast"} and set(rungs[40]) == {"fast"}
+    assert -rungs[20]["fast"] < 38.0  # its value at 20%, not at 48%
+    assert report("fast", 48, 73, 39.0, 60.0) == "CONTINUE"  # 73% crosses no new rung: nothing compared
+    assert -rungs[20]["fast"] < 38.0 and "fast" not in rungs[80]
+    # A replayed report changes nothing.
+    assert report("fast", 0, 48, dense, 39.0) == "CONTINUE" and scheduler._num_stopped == 0
+
+
+def test_with_asha_optuna_hears_the_rung_values():
+    space = parse_space(SPACE, source="test space")
+    search = milestone_optuna_search_class()(space=space.optuna_define_by_run(), metric="val_ppl", mode="min",
+                                             sampler=optuna.samplers.RandomSampler(seed=0), rungs=[20, 40, 80])
+    search.suggest("t1")
+    search.on_trial_result("t1", {"val_ppl": 40.0, "sparsity_pct": 48, "sparsity_pct_before": 0,
+                                  "val_ppl_before": 30.0, "training_iteration": 1})
+    search.on_trial_result("t1", {"val_ppl": 60.0, "sparsity_pct": 73, "sparsity_pct_before": 48,
+                                  "val_ppl_before": 40.0, "training_iteration": 2})
+    (trial,) = search._ot_study.trials
+    assert sorted(trial.intermediate_values) == [20, 40]
+    assert trial.intermediate_values[40] == pytest.approx(30.0 * (40 / 30) ** (40 / 48))

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from raysparse.data.text import NAMED_DATASETS, sniff_text_file
-from raysparse.errors import ConfigError, DataError
+from raysparse.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ DATA_FLAGS = {"calib_data": "--calib-data", "eval_data": "--eval-data", "val_dat
 def check_inputs(config: Any) -> None:
     """Every file-level check of a TrialConfig (its settings are validated already)."""
     check_output_dir(config.output)
+    check_local_model(config.model)
     for name, flag in DATA_FLAGS.items():
         value = getattr(config, name)
         if value is None or value in NAMED_DATASETS:
@@ -41,6 +42,10 @@ def check_inputs(config: Any) -> None:
             raise DataError(f"{flag}: {exc}") from None
     if config.importance_config:
         read_importance_file(config.importance_config, config.model)
+    if getattr(config, "layer_ratios", None):
+        from raysparse.config.layer_ratios import read_layer_ratios
+
+        read_layer_ratios(config.layer_ratios)
     check_hub(config)
 
 
@@ -52,37 +57,118 @@ def is_hub_id(model: str) -> bool:
     return not (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1)
 
 
+# Where `datasets` keeps each named hub dataset: repo ids as load_dataset names them (and as
+# the hub resolves a canonical name). Looked for in both caches, without the network.
+HUB_DATASET_REPOS = {"wikitext2": ("wikitext", "Salesforce/wikitext"), "c4": ("allenai/c4",),
+                     "ptb": ("ptb_text_only", "ptb-text-only/ptb_text_only")}
+
+
+def hub_datasets_read(config: Any) -> dict[str, str]:
+    """flag -> hub dataset name, for each hub dataset this trial reads (named or by default)."""
+    tiny = config.model == "tiny"
+    calib = config.calib_data or ("pydoc" if tiny else "c4")
+    evaluation = config.eval_data or ("pydoc" if tiny else "wikitext2")
+    # One-shot magnitude without recovery reads no calibration text (training text defaults to it).
+    reads_calib = config.method != "magnitude" or config.recovery != "none" or config.pruning_strategy != "uniform"
+    read = {"--eval-data": evaluation, "--val-data": config.val_data or evaluation}
+    if reads_calib:
+        read["--calib-data"] = calib
+    if config.recovery != "none" and config.train_data:
+        read["--train-data"] = config.train_data
+    return {flag: name for flag, name in read.items() if name in HUB_DATASETS}
+
+
+def hub_dataset_cached(name: str) -> bool:
+    """Whether a named hub dataset has files in the local `datasets` or hub cache (no network)."""
+    from huggingface_hub import constants
+
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    for repo in HUB_DATASET_REPOS[name]:
+        for folder in (datasets_cache / repo.replace("/", "___"),
+                       Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"):
+            if folder.is_dir() and any(folder.iterdir()):
+                return True
+    return False
+
+
+def check_model_folder(name_or_path: str) -> None:
+    """A local --model folder holds a model: config.json that parses, and weight files."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder "
+                         "or a .gguf file")
+    try:
+        json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise ModelError(f"{name_or_path}/config.json is not valid JSON ({reason}): restore it from the model's "
+                         "source (save_pretrained or the hub) or point --model at another folder") from None
+    weight_files = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+                    for p in path.glob(pattern)]
+    if not weight_files:
+        raise ModelError(
+            f"{name_or_path} has a config.json but no weights (*.safetensors or *.bin): "
+            "copy the weight files into the folder or use save_pretrained"
+        )
+
+
+def check_local_model(model: str) -> None:
+    """The model checks that need no torch, so they come before the data checks: a local
+    folder (not a GGUF file, nor a folder of GGUF files, which the loader checks) holds a model."""
+    path = Path(model).expanduser()
+    if model == "tiny" or is_hub_id(model) or model.lower().endswith(".gguf") or (
+            path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf"))):
+        return
+    check_model_folder(model)
+
+
 def check_hub(config: Any) -> None:
     """When the model or a dataset comes from the Hugging Face hub and the hub cannot be
     reached, go offline at once instead of half a minute of retries (and every retry's
-    warning): cached files still load; a model that is not cached is refused here.
+    warning): cached files still load; a model or dataset that is not cached is refused here,
+    before any model loads.
 
     The offline switches are read when huggingface_hub / datasets are imported, so this
     helps a process that has not imported them yet (launch/prune.py checks before it does).
     """
-    data = [getattr(config, name) for name in DATA_FLAGS]
-    if config.model != "tiny":  # what a real model reads when no file is named: c4 and wikitext2
-        data += [config.calib_data or "c4", config.eval_data or "wikitext2"]
-    needs_hub = is_hub_id(config.model) or any(value in HUB_DATASETS for value in data)
-    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+    datasets = hub_datasets_read(config)
+    if not is_hub_id(config.model) and not datasets:
         return
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
-            return
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-    logger.info("the Hugging Face hub (%s:%d) cannot be reached (%s): using cached files only", host, port, reason)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    offline = next((name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+                    if os.environ.get(name, "").lower() in ("1", "true", "yes", "on")), None)
+    if offline:
+        why = f"{offline} is set"
+    else:
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        host = endpoint.hostname or "huggingface.co"
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        try:
+            with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+                return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+        logger.info("the Hugging Face hub (%s:%d) cannot be reached (%s): using cached files only", host, port,
+                    reason)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        why = f"cannot reach the Hugging Face hub ({host}:{port}: {reason})"
     if is_hub_id(config.model):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(config.model, "config.json"), str):
-            raise ConfigError(f"cannot reach the Hugging Face hub ({host}:{port}: {reason}) and model "
-                              f"'{config.model}' is not in the local cache: pass a local model folder with "
-                              "--model PATH, or run where the hub is reachable")
+            raise ConfigError(f"{why} and model '{config.model}' is not in the local cache: pass a local model "
+                              "folder with --model PATH, or run where the hub is reachable")
+    missing: dict[str, list[str]] = {}
+    for flag, name in datasets.items():
+        if not hub_dataset_cached(name):
+            given = getattr(config, flag[2:].replace("-", "_"))
+            missing.setdefault(name, []).append(flag if given else f"{flag} default")
+    if missing:
+        named = ", ".join(f"{name} ({', '.join(flags)})" for name, flags in missing.items())
+        raise DataError(f"{why} and dataset {named} is not in the local cache: pass local text files "
+                        "(--calib-data/--val-data/--eval-data PATH), or run where the hub is reachable")
 
 
 def check_output_dir(output: str | None) -> None:

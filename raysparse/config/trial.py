@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from raysparse.config.declare import check_settings, from_mapping, setting
-from raysparse.errors import ConfigError
+from raysparse.errors import ConfigError, parse_error_line
 from raysparse.sparsity.pattern import SparsityPattern, parse_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "structured")
@@ -132,6 +132,9 @@ class TrialConfig:
                                        also=(list,), group=RECOVERY)
     workers: int = setting(1, "Ray Train FSDP workers for masked recovery (1 = in-process)", within=">= 1",
                            group=RECOVERY)
+    worker_retries: int = setting(2, "restarts of the Ray Train workers from their last epoch checkpoint after a "
+                                  "worker or node failure (a NaN loss is not retried)", within=">= 0",
+                                  group=RECOVERY)
     distill: str = setting("none", "recovery loss from the dense model: logits (KL of the next-token distributions) "
                            "or squarehead (logit KL + normalised per-layer feature MSE)", choices=DISTILL_MODES,
                            group=RECOVERY)
@@ -158,10 +161,15 @@ class TrialConfig:
     min_pruning_rate: float = setting(0.0, "lowest per-layer ratio", within="[0, 1)", group=RATIOS)
     max_pruning_rate: float = setting(0.95, "highest per-layer ratio", within="[0, 1)", group=RATIOS)
     importance_method: str = setting("removal", "removal: loss change when a layer is skipped; "
-                                     "activation: how much a layer changes its input",
-                                     choices=("removal", "activation"), group=RATIOS)
+                                     "activation: how much a layer changes its input; owl: share of outlier "
+                                     "weights (|W|*||X|| above owl_m x the layer mean; use with inverse)",
+                                     choices=("removal", "activation", "owl"), group=RATIOS)
+    owl_m: float = setting(5.0, "owl: a score counts as an outlier above owl_m x its layer's mean score",
+                           within="> 0", fix="the OWL paper uses 5 to 10", group=RATIOS)
     importance_samples: int = setting(50, "windows the importance analysis reads", within=">= 1", group=RATIOS)
     importance_config: str | None = setting(None, "reuse a layer_importance.json (skips the analysis)", group=RATIOS)
+    layer_ratios: str | None = setting(None, "per-layer ratios from a JSON file (a profile search's "
+                                       "best_profile.json): checked against the model and the target", group=RATIOS)
     pruning_ratio: float | None = setting(None, "fraction of the prunable parameters (kv groups + MLP channels) in "
                                           "[layer_start, layer_end) to remove, e.g. 0.25", within="(0, 1)",
                                           fix="give the fraction of parameters to remove, e.g. 0.25", group=STRUCTURED)
@@ -245,6 +253,16 @@ class TrialConfig:
                               "layer_end is exclusive and must be larger than layer_start")
 
     def _validate_allocation(self) -> None:
+        if self.layer_ratios is not None:
+            if self.pruning_strategy != "uniform":
+                raise ConfigError("--layer-ratios gives the per-layer ratios itself: drop --pruning-strategy "
+                                  f"{self.pruning_strategy} (or drop --layer-ratios)")
+            if self.is_structured or self.pattern.is_nm:
+                raise ConfigError("--layer-ratios needs unstructured pruning at a fractional sparsity: N:M patterns "
+                                  "are fixed per layer, structured pruning takes --pruning-ratio")
+            if self.method == "magnitude" and self.magnitude_scope == "global":
+                raise ConfigError("a global magnitude threshold sets its own per-layer ratios: drop --layer-ratios "
+                                  "or use magnitude_scope layer")
         if self.pruning_strategy == "uniform":
             return
         if self.pattern.is_nm and not self.is_structured:
@@ -320,11 +338,11 @@ class TrialConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_bytes().decode("utf-8")
             values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
         except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+            raise ConfigError(f"cannot parse config file {path}: {parse_error_line(exc)}") from None
         if isinstance(values, dict) and "config" in values and isinstance(values["config"], dict):
             values = values["config"]  # accept a summary.json directly
         if not isinstance(values, dict):

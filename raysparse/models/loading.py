@@ -5,7 +5,6 @@ any weights load.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from raysparse.config.inputs import is_hub_id
+from raysparse.config.inputs import check_model_folder, is_hub_id
 from raysparse.errors import ModelError
 from raysparse.models.adapters import ModelAdapter, adapter_class_for, count_params, get_adapter
 from raysparse.models.gguf_input import find_gguf, load_gguf_config, load_gguf_model, require_gguf_package
@@ -35,24 +34,7 @@ def resolve_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if is_hub_id(name_or_path):
         return name_or_path  # a hub id such as facebook/opt-125m
-    if not path.is_dir():
-        raise ModelError(f"model directory not found: {name_or_path} (give a local folder or a hub id)")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{name_or_path} has no config.json: point --model at a Hugging Face model folder "
-                         "or a .gguf file")
-    try:
-        json.loads((path / "config.json").read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
-        raise ModelError(f"{name_or_path}/config.json is not valid JSON ({reason}): restore it from the model's "
-                         "source (save_pretrained or the hub) or point --model at another folder") from None
-    weight_files = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-                    for p in path.glob(pattern)]
-    if not weight_files:
-        raise ModelError(
-            f"{name_or_path} has a config.json but no weights (*.safetensors or *.bin): "
-            "copy the weight files into the folder or use save_pretrained"
-        )
+    check_model_folder(name_or_path)
     return str(path)
 
 

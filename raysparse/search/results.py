@@ -73,7 +73,10 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
     write_tables(rows, experiment)
 
     completed = [r for r in rows if r["status"] == "completed" and r["val_ppl"] is not None]
-    best = min(completed, key=lambda r: r["val_ppl"]) if completed else None
+    # Ties (two schedules reaching the same weights) go to the parameters that sort first, not to
+    # the row order, which a resumed search changes.
+    best = min(completed, key=lambda r: (r["val_ppl"], json.dumps({k: v for k, v in r.items() if k.startswith(
+        "param_")}, sort_keys=True, default=str))) if completed else None
     pareto = pareto_front(completed, metrics_names) if len(metrics_names) > 1 else None
     best_config_path = None
     if best is not None:

@@ -25,7 +25,7 @@ from raysparse.cluster.preflight import (
 from raysparse.cluster.storage import check_writable, is_uri, join, read_text, upload_dir
 from raysparse.config import TrialConfig
 from raysparse.data.text import NAMED_DATASETS
-from raysparse.errors import ConfigError, Interrupted
+from raysparse.errors import ConfigError, Interrupted, RaysparseError
 from raysparse.paths import write_json_atomic
 from raysparse.search.console import legacy_table, stop_gracefully_on_ctrl_c, trial_table, tune_statuses
 from raysparse.search.final_eval import evaluate_chosen
@@ -166,6 +166,8 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         settings.validate()
         space = load_space(settings.space)
         check_validation_source(space)
+        if not settings.address:  # a cluster's nodes may see other files than this driver
+            check_space_inputs(space)
         name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
         root = _storage_root(settings)
         if is_uri(root):
@@ -260,6 +262,28 @@ def check_validation_source(space: SearchSpace) -> None:
             f"{space.source}: eval_data {files[0]} is test text and the space names no val_data: a search "
             "decides on validation text only; add val_data: PATH (text disjoint from the test file) under fixed:"
         )
+
+
+# Settings naming files or datasets a trial reads: checked for each choice a space offers.
+_INPUT_KEYS = ("calib_data", "eval_data", "val_data", "train_data", "importance_config", "model")
+
+
+def check_space_inputs(space: SearchSpace) -> None:
+    """The trial's file checks (data files exist and are text, hub datasets cached when the
+    hub is unreachable, the importance file) before Ray starts, for the fixed settings and
+    every choice of a file-valued param: otherwise each trial fails the same way, later."""
+    from raysparse.config.inputs import check_inputs
+
+    variants = [{}] + [{key: value} for key, spec in space.params.items() if key in _INPUT_KEYS
+                       and spec.kind == "choice" for value in spec.choices]
+    for overrides in variants:
+        values = {**space.fixed, **{key: spec.first() for key, spec in space.params.items()}, **overrides}
+        known = {key: value for key, value in values.items() if key in TrialConfig.__dataclass_fields__}
+        config = dataclasses.replace(TrialConfig.from_dict(known, source=space.source), output=None)
+        try:
+            check_inputs(config)
+        except RaysparseError as exc:
+            raise type(exc)(f"{space.source}: {exc}") from None
 
 
 def _stats_cache_location(remote: str | None, experiment: Path) -> str:

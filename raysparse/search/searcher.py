@@ -6,22 +6,23 @@ from pathlib import Path
 from typing import Any
 
 from raysparse.paths import write_json_atomic
+from raysparse.search.milestones import MILESTONE, asha_rungs, crossed_rungs
 from raysparse.search.settings import OBJECTIVES, SearchSettings
 from raysparse.search.space import SearchSpace
 
-# The step at which trials are compared, by ASHA and by Optuna alike: the planned sparsity
-# level of the report, in whole percent.
-MILESTONE = "sparsity_pct"
+REDUCTION_FACTOR = 2
+MAX_PCT = 101  # above any sparsity_pct: ASHA must never cut a trial for "running out of time"
 
 
 def milestone_optuna_search_class():
     """OptunaSearch that ranks trials at sparsity milestones, as ASHA does.
 
     Two departures from OptunaSearch, both needed for a fair search over schedules:
-    - Intermediate values reach Optuna at step = the sparsity milestone (`sparsity_pct`, the
-      step ASHA compares trials at), not at Tune's `training_iteration`. TPE ranks a PRUNED
-      trial by its deepest step first, so with iteration steps a trial with a small prune
-      percentage (many iterations) looked better just for being slow.
+    - Intermediate values reach Optuna at step = the sparsity milestone, not at Tune's
+      `training_iteration`: with ASHA, at the rungs ASHA compares (values interpolated to the
+      rung, `milestones.crossed_rungs`), else at the report's own planned level. TPE ranks a
+      PRUNED trial by its deepest step first, so with iteration steps a trial with a small
+      prune percentage (many iterations) looked better just for being slow.
     - Tune reports an ASHA-stopped trial as complete with its partial value, which misleads
       TPE into treating a 55%-sparse perplexity as a final one: it is told PRUNED instead.
     Both touch OptunaSearch's private `_ot_trials`/`_ot_study`/`_completed_trials` (pinned by
@@ -31,13 +32,20 @@ def milestone_optuna_search_class():
     from ray.tune.search.optuna import OptunaSearch
 
     class MilestoneOptunaSearch(OptunaSearch):
+        def __init__(self, *args: Any, rungs: list[int] | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._rungs = rungs
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if isinstance(self.metric, list) or trial_id in self._completed_trials:
                 return  # Optuna keeps no intermediate values for several objectives
             trial = self._ot_trials[trial_id]
-            step = int(result[MILESTONE])
-            if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:
-                trial.report(result[self.metric], step)
+            known = trial.storage.get_trial(trial._trial_id).intermediate_values
+            points = (crossed_rungs(result, self.metric, self._rungs) if self._rungs
+                      else [(int(result[MILESTONE]), result[self.metric])])
+            for step, value in points:
+                if step not in known:
+                    trial.report(value, step)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if result and not error and not result.get("completed") and trial_id not in self._completed_trials:
@@ -77,9 +85,11 @@ def _make_searcher(space: SearchSpace, settings: SearchSettings):
         conditional = any(spec.when for spec in space.params.values())
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional,
                                              n_startup_trials=startup_trials(settings))
+    asha = settings.early_stopping and len(metrics) == 1
     searcher = OptunaSearch(
         space=space.optuna_define_by_run(), metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
+        rungs=asha_rungs(settings.grace_sparsity_pct, REDUCTION_FACTOR, MAX_PCT) if asha else None,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
 
@@ -93,8 +103,13 @@ def persistent_asha_class():
     uninterrupted run. The rungs are written after every change and read back the first
     time the restored scheduler is used (a repeated milestone of a trial is ignored by ASHA,
     so a resumed trial's replayed reports do not count twice).
+
+    Each report is judged at the rungs it crossed, with its value interpolated to the rung
+    (`milestones.crossed_rungs`), instead of Ray's rule of recording it at the highest rung
+    not yet recorded, which compared a trial's later, sparser report against the others'
+    values at a rung it had jumped past.
     """
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class PersistentASHA(ASHAScheduler):
         def __init__(self, state_file: str | None = None, **kwargs: Any) -> None:
@@ -127,7 +142,21 @@ def persistent_asha_class():
 
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             self._load()
-            action = super().on_trial_result(tune_controller, trial, result)
+            if self._time_attr not in result or self._metric not in result:
+                return super().on_trial_result(tune_controller, trial, result)  # Ray's own error
+            bracket = self._trial_info[trial.trial_id]
+            rungs = {milestone: recorded for milestone, recorded in bracket._rungs}
+            action = TrialScheduler.CONTINUE
+            for milestone, value in crossed_rungs(result, self._metric, sorted(rungs)):
+                recorded = rungs[milestone]
+                if trial.trial_id in recorded:
+                    continue  # a resumed trial's replayed report
+                cutoff = bracket.cutoff(recorded)
+                recorded[trial.trial_id] = self._metric_op * value
+                if cutoff is not None and self._metric_op * value < cutoff:
+                    action = TrialScheduler.STOP
+                    self._num_stopped += 1
+                    break
             self._save()
             return action
 
@@ -145,6 +174,6 @@ def _make_scheduler(settings: SearchSettings, state_file: str | None = None):
     metrics, modes = OBJECTIVES[settings.objective]
     if not settings.early_stopping or len(metrics) > 1:
         return FIFOScheduler()
-    # max_t above any sparsity_pct: ASHA must never cut a trial for "running out of time".
     return persistent_asha_class()(state_file=state_file, time_attr=MILESTONE, metric=metrics[0], mode=modes[0],
-                                   max_t=101, grace_period=settings.grace_sparsity_pct, reduction_factor=2)
+                                   max_t=MAX_PCT, grace_period=settings.grace_sparsity_pct,
+                                   reduction_factor=REDUCTION_FACTOR)

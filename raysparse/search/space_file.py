@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from raysparse.config import TrialConfig
-from raysparse.errors import ConfigError
+from raysparse.errors import ConfigError, parse_error_line
 from raysparse.search.space import KINDS, TOP_LEVEL_KEYS, ParamSpec, SearchSpace, _brief, _clean_float, _matches
 from raysparse.search.space_fields import (
     _CATEGORICAL_TYPES,
@@ -48,11 +48,10 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search space file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse search space {path}: {exc}") from None
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse search space {path}: {parse_error_line(exc)}") from None
     return parse_space(data, source=str(path))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from raysparse.cluster.storage import delete_dir, join
 from raysparse.config import TrialConfig
+from raysparse.search.milestones import BEFORE_PCT, BEFORE_VALUE
 from raysparse.search.resume import finished_in, finished_on_storage, last_attempt, restore_into
 from raysparse.search.space import SearchSpace
 from raysparse.trial.checkpoint import checkpoint_of
@@ -29,6 +30,9 @@ def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
         # The milestone is the planned level, not the measured one: a trial whose per-row
         # rounding lands on 79.72% for an 80% target still reaches the 80% rung.
         "sparsity_pct": int(math.floor(100 * float(record.get("target_sparsity", record["sparsity"])) + 1e-6)),
+        # The point this iteration started from: ASHA and Optuna interpolate to their rungs.
+        BEFORE_PCT: int(math.floor(100 * float(record.get("sparsity_before") or 0.0) + 1e-6)),
+        BEFORE_VALUE: None if record.get("ppl_before") is None else float(record["ppl_before"]),
         "iteration": int(record["iteration"]),
         # Summed over every start of the trial: a retried trial costs what it cost in all.
         "train_steps_total": int(record.get("train_steps_total") or 0),

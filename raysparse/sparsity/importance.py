@@ -9,6 +9,10 @@ Unbalanced pruning (WORKFLOWS.md section 4) prunes important layers less. Two me
 - ``activation``: one layer-by-layer pass; a layer's score is how much it changes its
   input, ``mean over tokens of 1 - cos(input, output)``. Cheap (one pass), but only a
   proxy: a layer can change the residual stream little and still matter.
+- ``owl``: outlier-weighted layerwise sparsity (OWL, Yin et al. 2024). One layer-by-layer
+  pass of the dense model; a layer's score is its outlier ratio, the fraction of its Wanda
+  scores ``|W_ij| * ||X_j||_2`` (all prunable linears of the layer together) above ``M``
+  times the layer's mean score. Layers with many outliers are pruned less (``inverse``).
 
 Both depend only on the dense model, the data, the sample count, seqlen and seed, so the
 result is saved as JSON (``layer_importance.json``) and reused across trials; `load`
@@ -22,7 +26,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +38,9 @@ from raysparse.models.layer_inputs import _layer_output, capture_layer_inputs
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCE_METHODS: tuple[str, ...] = ("removal", "activation")
+IMPORTANCE_METHODS: tuple[str, ...] = ("removal", "activation", "owl")
+
+DEFAULT_OWL_M = 5.0
 
 
 @dataclass
@@ -50,6 +56,7 @@ class LayerImportance:
     seed: int
     data: str
     seconds: float = 0.0
+    owl_m: float | None = None  # the outlier threshold M of method "owl"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +67,7 @@ class LayerImportance:
         if not isinstance(data, dict):
             raise ConfigError(f"layer importance must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        required = names - {"seconds"}
+        required = names - {"seconds", "owl_m"}
         missing = sorted(required - data.keys())
         if missing:
             raise ConfigError(f"layer importance is missing field(s): {', '.join(missing)}")
@@ -76,6 +83,7 @@ class LayerImportance:
                 seed=int(data["seed"]),
                 data=str(data["data"]),
                 seconds=float(data.get("seconds", 0.0)),
+                owl_m=None if data.get("owl_m") is None else float(data["owl_m"]),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"layer importance has a field of the wrong type: {exc}") from None
@@ -228,6 +236,25 @@ def removal_importance(
     return scores
 
 
+def _layer_by_layer(adapter: ModelAdapter, calib_windows: torch.Tensor, batch_size: int,
+                    score: Callable[[nn.Module, list[Any]], float]) -> list[float]:
+    """One pass of the dense model, layer by layer: `score(layer, chunks)` rates a layer from its
+    inputs and must leave its outputs in the chunks (the next layer's inputs)."""
+    _check_windows(calib_windows)
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = capture_layer_inputs(adapter, calib_windows, _model_device(model), batch_size)
+        scores = []
+        for index, layer in enumerate(adapter.decoder_layers()):
+            scores.append(score(layer, chunks))
+            logger.debug("layer %d: importance %.6f", index, scores[-1])
+    finally:
+        model.train(was_training)
+    return scores
+
+
 @torch.no_grad()
 def activation_importance(
     adapter: ModelAdapter, calib_windows: torch.Tensor, batch_size: int = 8
@@ -237,27 +264,58 @@ def activation_importance(
     Cheap: one layer-by-layer pass over the calibration set (as the layerwise pruners run),
     but a proxy for what removing the layer costs, not a measurement of it.
     """
-    _check_windows(calib_windows)
-    model = adapter.model
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = capture_layer_inputs(adapter, calib_windows, device, batch_size)
-        scores: list[float] = []
-        for index, layer in enumerate(adapter.decoder_layers()):
-            total, count = 0.0, 0
-            for chunk in chunks:
-                out = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
-                cos = F.cosine_similarity(chunk.hidden.float(), out.float(), dim=-1)
-                total += float((1.0 - cos).sum())
-                count += cos.numel()
-                chunk.hidden = out
-            scores.append(total / count)
-            logger.debug("layer %d: activation importance %.6f", index, scores[-1])
-    finally:
-        model.train(was_training)
-    return scores
+    def score(layer: nn.Module, chunks: list[Any]) -> float:
+        total, count = 0.0, 0
+        for chunk in chunks:
+            out = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
+            cos = F.cosine_similarity(chunk.hidden.float(), out.float(), dim=-1)
+            total += float((1.0 - cos).sum())
+            count += cos.numel()
+            chunk.hidden = out
+        return total / count
+
+    return _layer_by_layer(adapter, calib_windows, batch_size, score)
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """Fraction of all `scores` (one layer's Wanda scores, every linear) above m x their mean."""
+    flat = torch.cat([s.flatten().float() for s in scores])
+    return float((flat > m * flat.mean()).float().mean())
+
+
+@torch.no_grad()
+def owl_importance(
+    adapter: ModelAdapter, calib_windows: torch.Tensor, m: float = DEFAULT_OWL_M, batch_size: int = 8
+) -> list[float]:
+    """Importance of layer i = its outlier ratio (OWL): share of |W|*||X||_2 above m x the layer mean.
+
+    The inputs are the dense model's (no layer is pruned during the pass), as in the paper.
+    """
+    if not (math.isfinite(m) and m > 0):
+        raise ConfigError(f"owl_m must be > 0 (the paper uses 5-10), got {m}")
+
+    def score(layer: nn.Module, chunks: list[Any]) -> float:
+        linears = adapter.prunable_linears(layer)
+        # squared input norm per input feature (Wanda's ||X_j||^2), summed over every token
+        sq_norms = {name: torch.zeros(adapter.weight_matrix(mod).shape[1], device=mod.weight.device)
+                    for name, mod in linears.items()}
+
+        def add(name: str, inputs: tuple) -> None:
+            sq_norms[name] += inputs[0].reshape(-1, inputs[0].shape[-1]).float().pow(2).sum(dim=0)
+
+        hooks = [mod.register_forward_hook(lambda _m, inputs, _o, n=name: add(n, inputs))
+                 for name, mod in linears.items()]
+        try:
+            outputs = [_layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs)) for chunk in chunks]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for chunk, out in zip(chunks, outputs):
+            chunk.hidden = out
+        return outlier_ratio([adapter.weight_matrix(mod).abs().float() * sq_norms[name].sqrt().unsqueeze(0)
+                              for name, mod in linears.items()], m)
+
+    return _layer_by_layer(adapter, calib_windows, batch_size, score)
 
 
 def compute_importance(
@@ -268,14 +326,18 @@ def compute_importance(
     seed: int,
     data_desc: str,
     batch_size: int = 8,
+    owl_m: float = DEFAULT_OWL_M,
 ) -> LayerImportance:
     """Run the chosen method on (n, seqlen) calibration windows and record its protocol."""
     if method not in IMPORTANCE_METHODS:
         raise ConfigError(f"importance method '{method}' is unknown; choose one of {', '.join(IMPORTANCE_METHODS)}")
     _check_windows(calib)
     started = time.perf_counter()
-    compute = removal_importance if method == "removal" else activation_importance
-    scores = compute(adapter, calib, batch_size=batch_size)
+    if method == "owl":
+        scores = owl_importance(adapter, calib, owl_m, batch_size=batch_size)
+    else:
+        compute = removal_importance if method == "removal" else activation_importance
+        scores = compute(adapter, calib, batch_size=batch_size)
     seconds = time.perf_counter() - started
     logger.info("layer importance (%s) of %s in %.1fs: %s", method, model_name, seconds,
                 ", ".join(f"{s:.4g}" for s in scores))
@@ -289,4 +351,5 @@ def compute_importance(
         seed=int(seed),
         data=data_desc,
         seconds=seconds,
+        owl_m=float(owl_m) if method == "owl" else None,
     )

@@ -38,6 +38,7 @@ class TrialContext:
     fingerprints: dict[str, str] = field(default_factory=dict)  # content digests of model and data (cache keys)
     teacher: Any = None  # the frozen dense model for distillation, loaded when recovery first needs it
     teacher_cache: Any = None  # its outputs per training window (TeacherOutputCache), kept for the whole trial
+    profile_ratios: list[float] | None = None  # --layer-ratios, checked against this model and the target
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
         """Perplexity on the validation text: what every decision of the trial reads."""
@@ -102,8 +103,27 @@ def _prepare(config: TrialConfig) -> TrialContext:
     cache = None
     if config.stats_cache:
         cache = StatsCache(config.stats_cache)
-    return TrialContext(config, settings, loaded, device, val_stream, test_stream, calib, importance_calib,
-                        train_windows, timer, cache, taylor_windows)
+    ctx = TrialContext(config, settings, loaded, device, val_stream, test_stream, calib, importance_calib,
+                       train_windows, timer, cache, taylor_windows)
+    if config.layer_ratios:
+        ctx.profile_ratios = load_profile_ratios(ctx)
+    return ctx
+
+
+def load_profile_ratios(ctx: TrialContext) -> list[float]:
+    """--layer-ratios, refused for another model (layer count, fingerprint) or another total."""
+    from raysparse.config.layer_ratios import check_layer_ratios, read_layer_ratios
+    from raysparse.models.fingerprint import model_fingerprint
+
+    config, adapter = ctx.config, ctx.loaded.adapter
+    data = read_layer_ratios(config.layer_ratios)
+    layers = adapter.decoder_layers()
+    sizes = [sum(m.weight.numel() for m in adapter.prunable_linears(layer).values()) for layer in layers]
+    fingerprint = None
+    if data.get("fingerprint") is not None and data.get("num_layers") == len(layers):
+        revision = getattr(ctx.loaded.model.config, "_commit_hash", None)
+        fingerprint = model_fingerprint(ctx.loaded.path, revision)
+    return check_layer_ratios(data, config.layer_ratios, len(layers), fingerprint, sizes, config.target_ratio)
 
 
 def check_teacher(teacher: str, student: LoadedModel, trust_remote_code: bool) -> None:

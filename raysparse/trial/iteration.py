@@ -47,7 +47,10 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
     level = state.levels[index]
     started = time.perf_counter()
     before = state.history[-1]["ppl_after_train"] if state.history else state.ppl_dense
-    record: dict[str, Any] = {"iteration": index + 1, "target_sparsity": level}
+    # Where this iteration starts from (level, validation ppl): a search interpolates between
+    # the two points to compare trials at equal sparsity (raysparse.search.milestones).
+    record: dict[str, Any] = {"iteration": index + 1, "target_sparsity": level, "ppl_before": before,
+                              "sparsity_before": state.levels[index - 1] if index else state.start_sparsity}
     step = step_for(config)
     outcome = step.prune(ctx, state, level, previous)
     masks = outcome.masks

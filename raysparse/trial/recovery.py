@@ -110,6 +110,7 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
             EvalSpec(ctx.val_stream, ctx.settings.eval_seqlen, ctx.settings.eval_stride,
                      config.eval_batch_size, config.eval_max_windows, config.eval_max_tokens),
             workers=config.workers, storage_path=storage, run_name=f"recovery-iter{iteration:03d}",
+            retries=config.worker_retries,
             use_gpu=ctx.device.type == "cuda",
             teacher=_teacher(ctx) if config.distill != "none" else None, distill=_distill_settings(config),
         )

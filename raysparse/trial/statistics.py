@@ -88,7 +88,8 @@ def layer_importance_key(ctx: TrialContext) -> dict[str, Any]:
     config = ctx.config
     return {**_base_key(ctx, "layer_importance"), "tokens": _tokens(ctx, "importance", ctx.importance_calib),
             "method": config.importance_method, "samples": config.importance_samples,
-            "seqlen": ctx.settings.seqlen, "seed": config.seed}
+            "seqlen": ctx.settings.seqlen, "seed": config.seed,
+            **({"owl_m": config.owl_m} if config.importance_method == "owl" else {})}
 
 
 def taylor_key(ctx: TrialContext, indices: Sequence[int]) -> dict[str, Any]:
@@ -108,6 +109,17 @@ def pruning_key(ctx: TrialContext, config: TrialConfig, ratios: Sequence[float] 
                seed=config.seed, calib_batch_size=config.calib_batch_size)
     if config.calibration_passes != "two":  # only when set: existing caches keep their keys
         key["calibration_passes"] = config.calibration_passes
+    if config.method == "sparsegpt":
+        key.update(percdamp=config.percdamp, blocksize=config.blocksize)
+    return key
+
+
+def profile_layer_key(ctx: TrialContext, config: TrialConfig, index: int, levels: Sequence[float]) -> dict[str, Any]:
+    """One decoder layer pruned at every level of a profile search's grid, on the dense model's inputs."""
+    key = {**_base_key(ctx, "profile_layer"), "method": config.method, "layer": int(index),
+           "levels": [float(v) for v in levels], "tokens": _tokens(ctx, "calibration", ctx.calib),
+           "nsamples": config.nsamples, "seqlen": ctx.settings.seqlen, "seed": config.seed,
+           "calib_batch_size": config.calib_batch_size}
     if config.method == "sparsegpt":
         key.update(percdamp=config.percdamp, blocksize=config.blocksize)
     return key
@@ -138,7 +150,7 @@ def layer_importance(ctx: TrialContext) -> dict[str, Any]:
                                     expected_layers=layers).to_dict()
     value = _cached(ctx, lambda: layer_importance_key(ctx), lambda: compute_importance(
         ctx.loaded.adapter, ctx.importance_calib, config.importance_method, config.model, config.seed,
-        _calibration_data(ctx), batch_size=config.calib_batch_size).to_dict())
+        _calibration_data(ctx), batch_size=config.calib_batch_size, owl_m=config.owl_m).to_dict())
     # The same content may have been computed under other names: record this trial's.
     return {**value, "model": config.model, "data": _calibration_data(ctx)}
 

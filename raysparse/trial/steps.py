@@ -42,6 +42,9 @@ def layer_ratios(ctx: TrialContext, state: TrialState, level: float, indices: Se
     """Per-layer ratios for the layers `indices` (weighted by `sizes`) from layer importance,
     or None for uniform pruning. Both kinds of step allocate through this one function."""
     config = ctx.config
+    if ctx.profile_ratios is not None:  # a searched profile, scaled to this iteration's level
+        scale = 1.0 if level == config.target_ratio else level / config.target_ratio
+        return [min(ctx.profile_ratios[i] * scale, 0.99) for i in indices]
     if config.pruning_strategy == "uniform":
         return None
     scores = [state.layer_importance["scores"][i] for i in indices]

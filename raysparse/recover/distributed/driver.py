@@ -23,6 +23,17 @@ Batch semantics: `settings.batch_size` is the GLOBAL batch. Each of the N worker
 optimizer steps as local training and the trajectory does not depend on the worker count
 (up to data order).
 
+Failures and a loaded machine: Ray Train restarts the worker group from the latest epoch
+checkpoint up to `retries` times (`FailureConfig(max_failures=...)`) after a worker, node or
+collective failure. A NaN loss, a broken mask or a bad setting would only repeat: the failing
+rank records it in `worker_error.json` and the restarted workers find it and stop at once,
+so the driver raises it without retraining. Ray's start-up timeouts assume an idle machine
+(60 s for a worker group to start); `TRAIN_ENV` sizes them for 2 workers importing torch
+beside busy cores. Train state tracking and the PlacementGroupCleaner both poll the State API,
+which only a dashboard serves: without a reachable dashboard state tracking stays off and the
+cleaner is not started (its failed polls printed a warning a second and, under load, it could
+remove the live run's placement group).
+
 Early stopping is decided over the whole run (epochs before a resume count), and the run
 log in each checkpoint says which epochs each (re)start trained. Known limit: `fit` builds
 its AdamW optimizer and LR schedule itself, so after a resume the optimizer moments and the
@@ -43,6 +54,7 @@ from torch import nn
 from raysparse.errors import ConfigError, RaysparseError
 from raysparse.recover.distill import DistillSettings
 from raysparse.recover.distributed.job import EvalSpec, TeacherJob, _Job
+from raysparse.recover.distributed.ray_env import EnvSet, dashboard_reachable, train_env, trainer_class
 from raysparse.recover.distributed.weights import _dedupe, _fingerprint, _is_tied, _read_meta, _read_weights
 from raysparse.recover.distributed.worker import _floating_dtype, _train_worker
 from raysparse.recover.loop import EpochRecord, TrainingDiverged, TrainResult, TrainSettings
@@ -50,10 +62,7 @@ from raysparse.sparsity.masks import Masks, MaskViolation, verify_masks
 
 logger = logging.getLogger(__name__)
 
-
-
-
-
+DEFAULT_RETRIES = 2
 
 # --------------------------------------------------------------------------------------
 # driver
@@ -71,6 +80,7 @@ def train_masked_distributed(
     cpus_per_worker: float = 1,
     teacher: nn.Module | None = None,
     distill: DistillSettings | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> TrainResult:
     """Fine-tune a pruned `model` on `workers` FSDP workers, keeping `masks` exact.
 
@@ -113,7 +123,7 @@ def train_masked_distributed(
             if previous is not None:
                 logger.info("run '%s' resumes after epoch %d", run_name, previous[1]["records"][-1]["epoch"])
             result = _run_trainer(job, state, workers, storage_path, run_name, use_gpu, cpus_per_worker,
-                                  teacher_state)
+                                  teacher_state, retries)
         return _finish(model, masks, result, settings, run_name)
     finally:
         if started_ray:
@@ -193,10 +203,11 @@ def _check_resources(resources: dict[str, float], workers: int, cpus_per_worker:
 
 
 def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storage_path: str, run_name: str,
-                 use_gpu: bool, cpus_per_worker: float, teacher_state: dict[str, torch.Tensor] | None = None):
+                 use_gpu: bool, cpus_per_worker: float, teacher_state: dict[str, torch.Tensor] | None = None,
+                 retries: int = DEFAULT_RETRIES):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     scored = job.settings.keep_best and job.eval_spec is not None
     # The latest checkpoint is always kept (resume needs it); with keep_best also the best.
@@ -204,28 +215,38 @@ def _run_trainer(job: _Job, state: dict[str, torch.Tensor], workers: int, storag
                                           checkpoint_score_order="min")
                          if scored else CheckpointConfig(num_to_keep=1))
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    # Read when the trainer is built: lists the run in the dashboard's Train tab (its state
-    # actor lives on the head node, outside any Tune trial's placement group). Opt out with 0.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"job": ray.put(job), "state": ray.put(state),
-                           "teacher_state": ray.put(teacher_state) if teacher_state is not None else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage_path, checkpoint_config=checkpoint_config,
-            # A NaN or a bug repeats on retry; a killed run is resumed by calling again.
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
-    try:
-        return trainer.fit()
-    except Exception as error:  # noqa: BLE001 - re-raised as the worker's own error when we know it
-        surfaced = _worker_error(error, job.error_file)
-        if surfaced is error:
-            raise
-        raise surfaced from error
+    if job.error_file:  # left by a killed earlier call: it would stop these workers at once
+        Path(job.error_file).unlink(missing_ok=True)
+    dashboard = dashboard_reachable()
+    env = train_env(dashboard)
+    if not dashboard:
+        logger.info("no Ray dashboard reachable: Train state tracking and placement-group cleaner off")
+    # With a dashboard, state tracking lists the run in its Train tab (the state actor lives on
+    # the head node, outside any Tune trial's placement group). Opt out with the variable at 0.
+    with EnvSet(env):
+        trainer = trainer_class(dashboard)(
+            _train_worker,
+            train_loop_config={"job": ray.put(job), "state": ray.put(state),
+                               "teacher_state": ray.put(teacher_state) if teacher_state is not None else None},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=run_name, storage_path=storage_path, checkpoint_config=checkpoint_config,
+                # Restarts resume from the latest epoch checkpoint; a recorded NaN / mask error is not retried.
+                failure_config=FailureConfig(max_failures=retries),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as error:  # noqa: BLE001 - re-raised as the worker's own error when we know it
+            surfaced = _worker_error(error, job.error_file)
+            if surfaced is error:
+                raise
+            raise surfaced from error
+    recorded = _recorded_worker_error(job.error_file)  # the restarted workers found it and stopped
+    if recorded is not None:
+        raise recorded
+    return result
 
 
 def _recorded_worker_error(error_file: str) -> Exception | None:

@@ -65,6 +65,12 @@ def _train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     job: _Job = ray.get(config["job"])
+    if job.error_file and Path(job.error_file).is_file():
+        # A restart after a NaN loss, a mask violation or a bad setting: it would repeat. Stop
+        # here; the driver raises the recorded error once `fit` returns.
+        if rank == 0:
+            logger.info("an earlier attempt of this run failed for good (%s): not retrying", job.error_file)
+        return
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,0 +1,248 @@
+"""`launch/profile_search.py`: build (or load) the layer database, search a profile, write it.
+
+Thin: the maths lives in levels.py / search.py, the database in database.py, the fitness in
+fitness.py. The database goes through the statistics cache at `storage` (a folder or URI),
+so a second search on the same model, data and grid only loads it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysparse.config import TrialConfig
+from raysparse.errors import ConfigError
+from raysparse.paths import write_json_atomic
+from raysparse.profile.levels import parse_levels, target_index, total_sparsity
+
+logger = logging.getLogger(__name__)
+
+SEARCHES = ("evolution", "tpe", "cmaes")
+
+
+@dataclass
+class ProfileOptions:
+    """The search's own settings (the pruning and data settings are a TrialConfig's)."""
+
+    levels: str | None = None
+    search: str = "evolution"
+    generations: int = 40
+    offspring: int = 16
+    survivors: int = 4
+    fidelity: str = "2,8"  # validation windows: many candidates on the first count, survivors on the last
+    max_step: int = 1
+    trials: int = 200  # Optuna proposals
+    workers: int = 0  # Ray actors scoring candidates (0: in-process)
+    storage: str | None = None  # the database cache; default --stats-cache, else OUTPUT/layer_db
+    compare: bool = True  # also compute importance / OWL profiles for the plot
+    rescore: int = 0  # re-prune the best K profiles sequentially and keep the best validation perplexity
+
+    def fidelities(self) -> list[int]:
+        try:
+            values = [int(v) for v in str(self.fidelity).split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--fidelity {self.fidelity!r}: give increasing window counts, e.g. 2,8") from None
+        if not values or any(v < 1 for v in values) or values != sorted(set(values)):
+            raise ConfigError(f"--fidelity {self.fidelity!r}: give increasing window counts >= 1, e.g. 2,8")
+        return values
+
+
+def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[float]:
+    """Everything refusable before a model is loaded; returns the level grid."""
+    config.validate()
+    if config.pattern.is_nm:
+        raise ConfigError(f"a profile search needs a fractional sparsity: the N:M pattern {config.sparsity} is "
+                          "fixed per layer, there is no profile to search")
+    if config.method not in ("wanda", "sparsegpt"):
+        raise ConfigError(f"a profile search prunes with wanda or sparsegpt, not {config.method}: its database "
+                          "holds calibrated layers")
+    if config.pruning_strategy != "uniform" or config.layer_ratios:
+        raise ConfigError("a profile search finds the per-layer ratios itself: drop --pruning-strategy / "
+                          "--layer-ratios")
+    if config.schedule != "oneshot" or config.recovery != "none":
+        raise ConfigError("a profile search scores one-shot pruning: use --schedule oneshot --recovery none, then "
+                          "recover with launch/prune.py or launch/search.py --layer-ratios best_profile.json")
+    if options.search not in SEARCHES:
+        raise ConfigError(f"--search {options.search}: choose one of {', '.join(SEARCHES)}")
+    if options.search == "cmaes":
+        import importlib.util
+
+        if importlib.util.find_spec("cmaes") is None:
+            raise ConfigError("--search cmaes needs the cmaes package (Optuna's CMA-ES): pip install cmaes, "
+                              "or use --search tpe")
+    if options.rescore < 0:
+        raise ConfigError(f"--rescore must be >= 0, got {options.rescore}")
+    for name in ("generations", "offspring", "survivors", "max_step", "trials"):
+        if getattr(options, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
+    if options.workers < 0:
+        raise ConfigError(f"--eval-workers must be >= 0, got {options.workers}")
+    options.fidelities()
+    if not (config.output or options.storage or config.stats_cache):
+        raise ConfigError("a profile search needs --output (best_profile.json, plot, and by default the database)")
+    return parse_levels(options.levels, config.target_ratio)
+
+
+def _validation_windows(stream: torch.Tensor, seqlen: int, count: int) -> torch.Tensor:
+    available = stream.numel() // seqlen
+    if available < count:
+        raise ConfigError(f"the validation text holds {available} windows of {seqlen} tokens, the search's "
+                          f"highest fidelity needs {count}: lower --fidelity or --eval-seqlen, or give more text")
+    return stream[:count * seqlen].view(count, seqlen)
+
+
+def heuristic_profiles(ctx, config: TrialConfig, sizes: list[int]) -> dict[str, list[float]]:
+    """The importance (removal, inverse) and OWL (inverse) profiles at --alpha, for the plot."""
+    import dataclasses
+
+    from raysparse.data.sources import calibration_windows, resolve_source, token_stream
+    from raysparse.sparsity.allocate import allocate_ratios
+    from raysparse.sparsity.importance import compute_importance
+
+    source = resolve_source(ctx.settings.calib_data, "calibration")
+    windows = calibration_windows(token_stream(ctx.loaded.tokenizer, source), config.importance_samples,
+                                  ctx.settings.seqlen, config.seed)
+    out = {}
+    for label, method in (("importance", "removal"), ("owl", "owl")):
+        cfg = dataclasses.replace(config, importance_method=method)
+        scores = compute_importance(ctx.loaded.adapter, windows, method, cfg.model, cfg.seed, source.describe(),
+                                    cfg.calib_batch_size, cfg.owl_m).scores
+        out[label] = allocate_ratios(scores, config.target_ratio, "inverse", config.alpha, config.min_pruning_rate,
+                                     config.max_pruning_rate, layer_sizes=sizes)
+    return out
+
+
+def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float], search: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, ratios in profiles.items():
+        left.plot(range(len(ratios)), ratios, marker="o", markersize=3, label=label)
+    left.set_xlabel("decoder layer")
+    left.set_ylabel("pruning ratio")
+    left.set_title("per-layer sparsity profile")
+    left.legend(fontsize=8)
+    right.plot(range(len(curve)), curve, marker=".")
+    right.set_xlabel("generation" if search == "evolution" else "batch of proposals")
+    right.set_ylabel("KL to dense (validation, highest fidelity)")
+    right.set_title(f"fitness ({search})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def rescore(ctx, config: TrialConfig, assembler, candidates: list[tuple[list[int], float]],
+            levels: list[float]) -> list[dict[str, Any]]:
+    """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
+    rank them by validation perplexity: the search ranks *assembled* models, whose order the
+    sequential prune does not always keep. Best first."""
+    from raysparse.prune import prune
+
+    rows = []
+    for profile, kl in candidates:
+        assembler.restore_dense()
+        prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, [levels[i] for i in profile])
+        rows.append({"profile": profile, "kl": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
+        logger.info("rescored %s: KL %.4g, validation perplexity %.4g", profile, kl, rows[-1]["val_ppl"])
+    assembler.restore_dense()
+    return sorted(rows, key=lambda row: row["val_ppl"])
+
+
+def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
+    """The whole search; returns its record (also written to OUTPUT/profile_search.json)."""
+    from raysparse.config.layer_ratios import write_layer_ratios
+    from raysparse.models.fingerprint import model_fingerprint
+    from raysparse.profile.database import ProfileAssembler, build_database
+    from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
+    from raysparse.profile.search import evolve, optuna_search
+    from raysparse.trial.cache import StatsCache
+    from raysparse.trial.context import _prepare
+    from raysparse.trial.statistics import profile_layer_key
+
+    levels = check_profile_request(config, options)
+    fidelities = options.fidelities()
+    started = time.perf_counter()
+    ctx = _prepare(config)
+    adapter = ctx.loaded.adapter
+    layers = adapter.decoder_layers()
+    sizes = [sum(m.weight.numel() for m in adapter.prunable_linears(layer).values()) for layer in layers]
+    storage = options.storage or config.stats_cache or str(Path(config.output) / "layer_db")
+    cache = StatsCache(storage)
+    build_started = time.perf_counter()
+    database = build_database(
+        adapter, config.method, ctx.calib, levels, ctx.device, config.calib_batch_size, config.percdamp,
+        config.blocksize,
+        get_or_compute=lambda index, make: cache.get_or_compute(profile_layer_key(ctx, config, index, levels), make))
+    build_s = time.perf_counter() - build_started
+    outcomes = [e["outcome"] for e in cache.events]
+    logger.info("layer database: %d layers x %d levels in %.1fs (%s)", len(layers), len(levels), build_s,
+                ", ".join(f"{o} {outcomes.count(o)}" for o in sorted(set(outcomes))))
+
+    windows = _validation_windows(ctx.val_stream, ctx.settings.eval_seqlen, fidelities[-1])
+    model = ctx.loaded.model.eval()
+    reference = log_probs(model, windows, config.eval_batch_size, ctx.device)
+    started_ray = False
+    if options.workers > 0:
+        import ray
+
+        if not ray.is_initialized():  # RAY_ADDRESS, when set, names the cluster to join
+            address = os.environ.get("RAY_ADDRESS")  # else a fresh local instance, never a recorded one
+            ray.init(address=address or "local", num_cpus=None if address else options.workers,
+                     include_dashboard=False, log_to_driver=False)
+            started_ray = True
+        actors = remote_evaluators(options.workers, ctx.loaded.path, config.dtype, config.trust_remote_code,
+                                   database, windows, reference, config.eval_batch_size)
+        evaluate = ParallelEvaluator(actors=actors)
+    else:
+        evaluate = ParallelEvaluator(local=ProfileEvaluator(model, database, windows, reference,
+                                                             config.eval_batch_size, ctx.device))
+    assembler = evaluate.local.assembler if evaluate.local is not None else ProfileAssembler(adapter, database)
+    start = target_index(levels, config.target_ratio)
+    search_started = time.perf_counter()
+    if options.search == "evolution":
+        result = evolve([start] * len(layers), sizes, len(levels), evaluate, fidelities, options.survivors,
+                        options.generations, options.offspring, config.seed, options.max_step)
+    else:
+        result = optuna_search(start, sizes, len(levels), evaluate, fidelities[-1], options.trials,
+                               max(1, options.offspring), options.search, config.seed)
+    search_s = time.perf_counter() - search_started
+    uniform_kl = evaluate([[start] * len(layers)], fidelities[-1])[0]
+    if started_ray:
+        import ray
+
+        ray.shutdown()
+    rescored = rescore(ctx, config, assembler, result.top(options.rescore), levels) if options.rescore else []
+    if rescored:
+        result.best, result.fitness = rescored[0]["profile"], rescored[0]["kl"]
+    ratios = [levels[i] for i in result.best]
+    revision = getattr(model.config, "_commit_hash", None)
+    fingerprint = model_fingerprint(ctx.loaded.path, revision)
+    record: dict[str, Any] = {
+        "model": config.model, "method": config.method, "target": config.target_ratio, "levels": levels,
+        "options": asdict(options), "layer_ratios": ratios, "profile": result.best,
+        "total_sparsity": total_sparsity(result.best, levels, sizes), "kl": result.fitness, "kl_uniform": uniform_kl,
+        "curve": result.curve, "evaluations": {str(k): v for k, v in result.evaluations.items()},
+        "rescored": rescored, "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
+        "search_s": round(search_s, 3), "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
+    }
+    profiles = {"uniform": [config.target_ratio] * len(layers)}
+    if options.compare:
+        profiles.update(heuristic_profiles(ctx, config, sizes))
+    profiles["searched"] = ratios
+    record["profiles"] = profiles
+    if config.output:
+        out = Path(config.output)
+        write_layer_ratios(out / "best_profile.json", ratios, config.model, fingerprint, config.target_ratio,
+                           method=config.method, kl=result.fitness, kl_uniform=uniform_kl, levels=levels)
+        record["plot"] = write_plot(out / "profile.png", profiles, result.curve, options.search)
+        write_json_atomic(out / "profile_search.json", record)
+    return record

@@ -1,0 +1,103 @@
+"""Fitness of a profile: KL divergence of the assembled model's next-token distributions to
+the dense model's, on validation windows (never the test text).
+
+The dense log-probabilities are computed once; a candidate costs one forward pass over the
+first `n` windows, so the number of windows is the fidelity of a multi-fidelity search.
+An evaluator runs in-process or as a Ray actor (`remote_evaluators`), each holding its own
+copy of the model and reading the database from the object store.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from raysparse.models.adapters import get_adapter
+from raysparse.profile.database import LayerEntry, ProfileAssembler
+
+
+@torch.no_grad()
+def log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(n, seqlen, vocab) next-token log-probabilities, float32 on the CPU."""
+    out = []
+    for start in range(0, windows.shape[0], batch_size):
+        logits = model(input_ids=windows[start:start + batch_size].to(device), use_cache=False).logits
+        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+class ProfileEvaluator:
+    """Assembles profiles into one model and scores them against the dense reference."""
+
+    def __init__(self, model: torch.nn.Module, database: Sequence[LayerEntry], windows: torch.Tensor,
+                 reference: torch.Tensor, batch_size: int = 4, device: torch.device | str = "cpu"):
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.assembler = ProfileAssembler(get_adapter(model), database)
+        self.windows, self.reference, self.batch_size = windows, reference, batch_size
+
+    @torch.no_grad()
+    def kl(self, profile: Sequence[int], windows: int) -> float:
+        """Mean per-token KL(dense || assembled) over the first `windows` validation windows."""
+        self.assembler.apply(profile)
+        total, count = 0.0, 0
+        for start in range(0, windows, self.batch_size):
+            stop = min(start + self.batch_size, windows)
+            logits = self.model(input_ids=self.windows[start:stop].to(self.device), use_cache=False).logits
+            mine = F.log_softmax(logits.float(), dim=-1).cpu()
+            ref = self.reference[start:stop]
+            total += float((ref.exp() * (ref - mine)).sum())
+            count += ref.shape[0] * ref.shape[1]
+        return total / count
+
+    def kl_many(self, profiles: Sequence[Sequence[int]], windows: int) -> list[float]:
+        return [self.kl(p, windows) for p in profiles]
+
+
+class _RemoteEvaluator:
+    """A Ray actor: loads its own copy of the model, reads the database from the object store."""
+
+    def __init__(self, model: str, dtype: str, trust_remote_code: bool, database: Any, windows: torch.Tensor,
+                 reference: torch.Tensor, batch_size: int):
+        from raysparse.models.loading import load_model
+
+        torch.set_num_threads(1)
+        loaded = load_model(model, "cpu", dtype, trust_remote_code)
+        self.evaluator = ProfileEvaluator(loaded.model, database, windows, reference, batch_size)
+
+    def kl_many(self, profiles: Sequence[Sequence[int]], windows: int) -> list[float]:
+        return self.evaluator.kl_many(profiles, windows)
+
+
+class ParallelEvaluator:
+    """Scores a batch of profiles on `workers` Ray actors (round-robin), or in-process when given one evaluator."""
+
+    def __init__(self, local: ProfileEvaluator | None = None, actors: list | None = None):
+        self.local, self.actors = local, actors or []
+
+    def __call__(self, profiles: Sequence[Sequence[int]], windows: int) -> list[float]:
+        if not self.actors:
+            assert self.local is not None
+            return self.local.kl_many(profiles, windows)
+        import ray
+
+        shares = [list(range(i, len(profiles), len(self.actors))) for i in range(len(self.actors))]
+        refs = [actor.kl_many.remote([profiles[j] for j in share], windows)
+                for actor, share in zip(self.actors, shares) if share]
+        results: list[float] = [0.0] * len(profiles)
+        for share, values in zip([s for s in shares if s], ray.get(refs)):
+            for j, value in zip(share, values):
+                results[j] = value
+        return results
+
+
+def remote_evaluators(workers: int, model: str, dtype: str, trust_remote_code: bool, database: Sequence[LayerEntry],
+                      windows: torch.Tensor, reference: torch.Tensor, batch_size: int) -> list:
+    """`workers` evaluator actors sharing one copy of the database in the object store."""
+    import ray
+
+    database_ref = ray.put(list(database))
+    actor = ray.remote(num_cpus=1)(_RemoteEvaluator)
+    return [actor.remote(model, dtype, trust_remote_code, database_ref, windows, reference, batch_size)
+            for _ in range(workers)]

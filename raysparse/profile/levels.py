@@ -1,0 +1,125 @@
+"""The level grid of a profile search and the moves that keep the total sparsity exact.
+
+A profile is one grid index per decoder layer. The grid is evenly spaced and holds the
+target, so the uniform profile (every layer at the target) is a valid start, and a level
+switch that raises one layer by k steps and lowers another layer of the same size by k
+steps leaves the parameter-weighted total exactly where it was (EvoPress's budget-preserving
+mutation). Everything here is pure: lists in, lists out.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+from raysparse.errors import ConfigError
+
+DEFAULT_HALF_WIDTH = 0.25
+DEFAULT_STEP = 0.05
+_TOL = 1e-6
+
+
+def default_levels(target: float, half_width: float = DEFAULT_HALF_WIDTH, step: float = DEFAULT_STEP) -> list[float]:
+    """target +- half_width in `step`s, kept inside [0, 1)."""
+    count = int(round(half_width / step))
+    levels = [round(target + i * step, 6) for i in range(-count, count + 1)]
+    return [lv for lv in levels if 0.0 <= lv < 1.0]
+
+
+def parse_levels(text: str | Sequence[float] | None, target: float) -> list[float]:
+    """The grid from `--profile-levels`: 'LO:HI:STEP', a comma list, or None (target +- 0.25 by 0.05).
+
+    Refused (one line): a level outside [0, 1), an uneven grid, or one without the target.
+    """
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"a profile search needs a fractional target sparsity in (0, 1), got {target}")
+    if text is None or text == "":
+        levels = default_levels(target)
+    elif isinstance(text, str) and ":" in text:
+        try:
+            low, high, step = (float(part) for part in text.split(":"))
+        except ValueError:
+            raise ConfigError(f"--profile-levels {text!r}: write LO:HI:STEP, e.g. 0.45:0.95:0.05") from None
+        if not step > 0 or high < low:
+            raise ConfigError(f"--profile-levels {text!r}: need LO <= HI and STEP > 0")
+        levels = [round(low + i * step, 6) for i in range(int(math.floor((high - low) / step + _TOL)) + 1)]
+    else:
+        items = text.split(",") if isinstance(text, str) else list(text)
+        try:
+            levels = sorted({round(float(str(item).strip()), 6) for item in items if str(item).strip()})
+        except ValueError:
+            raise ConfigError(f"--profile-levels {text!r}: write LO:HI:STEP or comma-separated fractions") from None
+    bad = [lv for lv in levels if not 0.0 <= lv < 1.0]
+    if bad:
+        raise ConfigError(f"profile level {bad[0]} is outside [0, 1): every level is a fraction of weights removed")
+    if len(levels) < 2:
+        raise ConfigError(f"the profile grid {levels} has fewer than 2 levels: nothing to search")
+    steps = [b - a for a, b in zip(levels, levels[1:])]
+    if max(steps) - min(steps) > _TOL:
+        raise ConfigError(f"the profile grid {levels} is not evenly spaced: a level switch would change the total "
+                          "sparsity; give LO:HI:STEP")
+    if not any(abs(lv - target) <= _TOL for lv in levels):
+        raise ConfigError(f"the profile grid {levels[0]}..{levels[-1]} (step {steps[0]:.4g}) cannot reach the "
+                          f"target {target}: the grid must contain it (shift LO so that target = LO + k*STEP)")
+    return levels
+
+
+def target_index(levels: Sequence[float], target: float) -> int:
+    return min(range(len(levels)), key=lambda i: abs(levels[i] - target))
+
+
+def total_sparsity(profile: Sequence[int], levels: Sequence[float], sizes: Sequence[int]) -> float:
+    """Parameter-weighted mean level of a profile."""
+    return sum(levels[i] * s for i, s in zip(profile, sizes)) / sum(sizes)
+
+
+def _size_groups(sizes: Sequence[int]) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for layer, size in enumerate(sizes):
+        groups.setdefault(int(size), []).append(layer)
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+def mutate(profile: Sequence[int], sizes: Sequence[int], num_levels: int, rng: random.Random,
+           max_step: int = 1) -> list[int]:
+    """Raise one layer by k steps and lower another layer of the same size by k (1 <= k <= max_step).
+
+    Returns the profile unchanged when no such move exists (one layer, or every pair blocked).
+    """
+    groups = _size_groups(sizes)
+    for _ in range(100):
+        if not groups:
+            break
+        group = rng.choice(groups)
+        up, down = rng.sample(group, 2)
+        k = rng.randint(1, max_step)
+        if profile[up] + k < num_levels and profile[down] - k >= 0:
+            child = list(profile)
+            child[up] += k
+            child[down] -= k
+            return child
+    return list(profile)
+
+
+def project(raw: Sequence[float], sizes: Sequence[int], num_levels: int, start: int) -> list[int]:
+    """Continuous per-layer grid positions -> integer indices whose per-size-group sum equals the
+    uniform profile's, so the total sparsity is exactly the target (Optuna's proposals)."""
+    result = [min(max(int(round(x)), 0), num_levels - 1) for x in raw]
+    groups: dict[int, list[int]] = {}
+    for layer, size in enumerate(sizes):
+        groups.setdefault(int(size), []).append(layer)
+    for members in groups.values():
+        excess = sum(result[i] for i in members) - start * len(members)
+        while excess != 0:
+            # move the layer whose rounding went furthest the wrong way, within the grid
+            if excess > 0:
+                movable = [i for i in members if result[i] > 0]
+                i = max(movable, key=lambda j: result[j] - raw[j])
+                result[i] -= 1
+                excess -= 1
+            else:
+                movable = [i for i in members if result[i] < num_levels - 1]
+                i = max(movable, key=lambda j: raw[j] - result[j])
+                result[i] += 1
+                excess += 1
+    return result

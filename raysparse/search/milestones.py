@@ -1,0 +1,52 @@
+"""Where ASHA and Optuna compare trials: at sparsity rungs, with values at exactly the rung.
+
+A trial reports after each pruning iteration at its own planned levels (26%, 52%, 78%, 80%
+for a prune percentage of 0.26; 48%, 73%, 80% for 0.48). Comparing those reports as they
+come puts a 26%-sparse perplexity beside a 48%-sparse one at the same rung, and Ray's ASHA
+records a trial that jumped past a rung at its *next* report, so a 73%-sparse perplexity
+was compared with others' 20%-sparse ones: trials with large prune percentages were stopped
+for pruning faster, the bias the milestones exist to remove (measured in bench_search: every
+trial with p > 0.4 was stopped). Instead each report is turned into values at the rungs it
+crossed, interpolated in log-perplexity between the previous report (or the dense model)
+and this one, so every trial is judged at the same sparsity, once per rung.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+MILESTONE = "sparsity_pct"  # the planned sparsity level of a report, in whole percent
+BEFORE_PCT = "sparsity_pct_before"  # the level before this iteration pruned (0: the dense model)
+BEFORE_VALUE = "val_ppl_before"  # the validation perplexity at that level
+
+
+def asha_rungs(grace_pct: int, reduction_factor: float = 2, max_pct: int = 101) -> list[int]:
+    """The rung levels Ray's ASHA builds for these settings, ascending (one bracket)."""
+    count = int(math.log(max_pct / grace_pct) / math.log(reduction_factor) + 1)
+    return [int(grace_pct * reduction_factor**k) for k in range(count)]
+
+
+def value_at(level: float, before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Perplexity at `level` between two (level, perplexity) points, linear in log-perplexity."""
+    (lo, lo_value), (hi, hi_value) = before, after
+    if hi <= lo or level >= hi:
+        return hi_value
+    share = (level - lo) / (hi - lo)
+    return math.exp(math.log(lo_value) + share * (math.log(hi_value) - math.log(lo_value)))
+
+
+def crossed_rungs(result: Mapping[str, Any], metric: str, rungs: list[int]) -> list[tuple[int, float]]:
+    """(rung, value at the rung) for each rung this report reached for the first time, ascending.
+
+    Without the previous point in the report (an older trial), the report's own value stands
+    for every rung it crossed: never better than the truth, since perplexity grows with sparsity.
+    """
+    current = (float(result[MILESTONE]), float(result[metric]))
+    before_value = result.get(BEFORE_VALUE)
+    previous = float(result.get(BEFORE_PCT) or 0)
+    usable = before_value is not None and math.isfinite(float(before_value)) and float(before_value) > 0 \
+        and current[1] > 0 and math.isfinite(current[1])
+    crossed = [rung for rung in rungs if previous < rung <= current[0]]
+    if not usable:
+        return [(rung, current[1]) for rung in crossed]
+    return [(rung, value_at(rung, (previous, float(before_value)), current)) for rung in crossed]

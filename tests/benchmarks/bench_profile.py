@@ -1,0 +1,188 @@
+"""Benchmark per-layer profiles at equal total sparsity: uniform vs importance-inverse (best alpha)
+vs OWL (best alpha) vs a searched profile (issue 16).
+
+Run on demand (not part of the test suite):
+
+    python tests/benchmarks/bench_profile.py [--models tiny,stories260K] [--methods wanda,sparsegpt]
+        [--targets 0.7,0.8] [--generations 20]
+
+Every choice is made on the validation text: the alpha of each heuristic (from --alphas) and
+the profile search's fitness (KL to the dense model on validation windows). The test text is
+evaluated once per chosen configuration and only reported. Every final model is pruned the
+same way, sequentially by launch/prune.py's code path with the chosen per-layer ratios (the
+searched profile through --layer-ratios), so the rows differ only in the profile.
+
+The layer database uses one grid for both targets (0.45:0.95:0.05), so it is built once per
+model and method by the first search and only loaded by the second (the reuse time is the
+second search's database time). Search time is also given as a multiple of one one-shot
+prune of the same model and method. Writes results/bench_profile.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raysparse.config import TrialConfig
+from raysparse.profile.driver import ProfileOptions, run_profile_search
+from raysparse.trial.runner import run_trial
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[2] / "shared" / "data"
+GRID = "0.45:0.95:0.05"
+
+
+def model_config(name: str, folder: Path, eval_windows: int) -> dict:
+    if name == "tiny":
+        return {"model": "tiny", "eval_max_windows": eval_windows}
+    text = (SHARED / "tinystories_valid" / "tinystories_val.txt").read_text(encoding="utf-8")
+    quarter = len(text) // 4
+    values = {"model": str(SHARED / "stories260K" / "hf"), "seqlen": 256, "eval_seqlen": 256,
+              "eval_max_windows": eval_windows}
+    for key, part in (("calib_data", text[:quarter]), ("val_data", text[quarter:2 * quarter]),
+                      ("eval_data", text[2 * quarter:])):
+        path = folder / f"{key}.txt"
+        path.write_text(part, encoding="utf-8")
+        values[key] = str(path)
+    return values
+
+
+def trial(base: dict, **overrides) -> dict:
+    summary = run_trial(TrialConfig(**{**base, **overrides})).summary
+    return {"val_ppl": summary["val"]["ppl_pruned"], "test_ppl": summary["ppl_pruned"],
+            "sparsity": summary["sparsity_measured"], "prune_s": summary["timings_s"].get("prune"),
+            "ratios": (summary["history"][-1].get("layer_ratios") if summary["history"] else None)}
+
+
+def best_alpha(base: dict, importance: str, alphas: list[float]) -> dict:
+    """Sweep alpha on validation (no test), then evaluate the chosen one on test."""
+    sweep = {a: trial(base, pruning_strategy="inverse", importance_method=importance, alpha=a, report_test=False)
+             for a in alphas}
+    chosen = min(sweep, key=lambda a: sweep[a]["val_ppl"])
+    final = trial(base, pruning_strategy="inverse", importance_method=importance, alpha=chosen)
+    return {**final, "alpha": chosen, "val_by_alpha": {str(a): r["val_ppl"] for a, r in sweep.items()}}
+
+
+def write(rows: list[dict], args, started: float) -> None:
+    """After every row, so an interrupted run keeps what it measured."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_profile.json").write_text(json.dumps({"rows": rows, "args": vars(args),
+                                                        "wall_s": round(time.perf_counter() - started, 1)},
+                                                       indent=2) + "\n")
+    (out / "bench_profile.md").write_text(markdown(rows, args))
+
+
+def run(name: str, methods: list[str], targets: list[float], args, work: Path, rows: list[dict],
+        started: float) -> None:
+    base_model = model_config(name, work, args.eval_windows)
+    for method in methods:
+        storage = work / f"db-{name}-{method}"
+        stats = str(work / f"stats-{name}-{method}")
+        for target in targets:
+            base = {**base_model, "method": method, "sparsity": str(target), "nsamples": args.nsamples,
+                    "importance_samples": args.importance_samples, "stats_cache": stats,
+                    "min_pruning_rate": 0.0, "max_pruning_rate": 0.95}
+            row = {"model": name, "method": method, "target": target}
+            row["uniform"] = trial(base)
+            row["importance"] = best_alpha(base, "removal", args.alphas)
+            row["owl"] = best_alpha(base, "owl", args.alphas)
+            out = work / f"search-{name}-{method}-{target}"
+            options = ProfileOptions(levels=GRID, generations=args.generations, offspring=args.offspring,
+                                     survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
+                                     compare=False)
+            config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
+                                                                                "stats_cache")},
+                                 output=str(out))
+            record = run_profile_search(config, options)
+            searched = trial(base, layer_ratios=str(out / "best_profile.json"))
+            prune_s = row["uniform"]["prune_s"] or float("nan")
+            row["searched"] = {**searched, "kl": record["kl"], "kl_uniform": record["kl_uniform"],
+                               "database_s": record["database_s"], "database": record["database"],
+                               "search_s": record["search_s"], "evaluations": record["evaluations"],
+                               "search_over_prune": round((record["database_s"] + record["search_s"]) / prune_s, 1)}
+            heuristics = min(row["uniform"]["test_ppl"], row["importance"]["test_ppl"], row["owl"]["test_ppl"])
+            row["searched_vs_best_heuristic"] = round(1 - searched["test_ppl"] / heuristics, 4)
+            rows.append(row)
+            write(rows, args, started)
+            print(json.dumps({k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items()
+                                                                       if kk in ("test_ppl", "val_ppl", "alpha")})
+                              for k, v in row.items()}), flush=True)
+        # the database again, same storage, same grid: only loaded
+        reuse_out = work / f"reuse-{name}-{method}"
+        config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
+                                                                            "stats_cache")}, output=str(reuse_out))
+        build = next(r["searched"]["database_s"] for r in rows if r["model"] == name and r["method"] == method)
+        again = run_profile_search(config, dataclasses.replace(options, generations=1))
+        for r in rows:
+            if r["model"] == name and r["method"] == method:
+                r["database_reuse"] = {"build_s": build, "reload_s": again["database_s"],
+                                       "reload_over_build": round(again["database_s"] / build, 4),
+                                       "outcomes": again["database"]}
+        write(rows, args, started)
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = ["# bench_profile: per-layer profiles at equal total sparsity", "",
+             f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; command: `python "
+             f"tests/benchmarks/bench_profile.py {' '.join(args.argv)}`", "",
+             "Test perplexity after one-shot pruning (lower is better); alpha and the searched profile chosen on "
+             "validation only. `gain` = 1 - searched / best heuristic (uniform, importance, OWL).", "",
+             "| model | method | target | uniform | importance (alpha) | OWL (alpha) | searched | gain | "
+             "KL uniform -> searched (val) | search / one prune | db build s | db reload s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["searched"]
+        reuse = r.get("database_reuse", {})
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['target']} | {r['uniform']['test_ppl']:.2f} | "
+            f"{r['importance']['test_ppl']:.2f} ({r['importance']['alpha']}) | {r['owl']['test_ppl']:.2f} "
+            f"({r['owl']['alpha']}) | {s['test_ppl']:.2f} | {100 * r['searched_vs_best_heuristic']:+.1f}% | "
+            f"{s['kl_uniform']:.3f} -> {s['kl']:.3f} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
+            f"{reuse.get('reload_s', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,stories260K")
+    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--targets", default="0.7,0.8")
+    parser.add_argument("--alphas", default="0.25,0.5,1")
+    parser.add_argument("--generations", type=int, default=30)
+    parser.add_argument("--offspring", type=int, default=8)
+    parser.add_argument("--survivors", type=int, default=3)
+    parser.add_argument("--fidelity", default="1,4")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--importance-samples", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    import sys
+
+    args.argv = sys.argv[1:]
+    args.alphas = [float(a) for a in args.alphas.split(",")]
+    # One thread: on a shared machine (load >> cores) a second thread made each forward pass 5-10x slower.
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name != "tiny" and not (SHARED / "stories260K").exists():
+                print(f"skipping {name}: {SHARED / 'stories260K'} is absent")
+                continue
+            run(name, args.methods.split(","), [float(t) for t in args.targets.split(",")], args, Path(tmp), rows,
+                started)
+    write(rows, args, started)
+    print(markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Per-layer profile search (issue 16): OWL allocation, the level grid and its budget-preserving moves,
+the layer database (built once, then only loaded), the searches, --layer-ratios, and bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+from conftest import build_model
+
+from raysparse.cli.profile import profile_main
+from raysparse.config import TrialConfig
+from raysparse.errors import ConfigError
+from raysparse.models.adapters import get_adapter
+from raysparse.profile.database import ProfileAssembler, build_database
+from raysparse.profile.levels import mutate, parse_levels, project, target_index, total_sparsity
+from raysparse.profile.search import evolve, optuna_search
+from raysparse.prune import prune
+from raysparse.sparsity.importance import outlier_ratio, owl_importance
+from raysparse.trial.cache import StatsCache
+from raysparse.trial.runner import run_trial
+
+CALIB = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+# --- the level grid and its moves -------------------------------------------------------------
+
+def test_default_grid_holds_the_target_and_stays_below_one():
+    levels = parse_levels(None, 0.8)
+    assert levels[0] == pytest.approx(0.55) and levels[-1] == pytest.approx(0.95)
+    assert levels[target_index(levels, 0.8)] == pytest.approx(0.8)
+    assert parse_levels("0.5:0.9:0.1", 0.7) == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("0.5,0.7,1.0", "outside [0, 1)"),
+    ("-0.1:0.9:0.2", "outside [0, 1)"),
+    ("0.5,0.6,0.8", "not evenly spaced"),
+    ("0.42:0.92:0.1", "cannot reach the target 0.7"),
+    ("0.7", "fewer than 2 levels"),
+])
+def test_bad_grids_are_refused(text, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(")", r"\)")):
+        parse_levels(text, 0.7)
+
+
+def test_mutations_and_projection_keep_the_exact_total():
+    levels = parse_levels(None, 0.7)
+    sizes = [100] * 6 + [40] * 3
+    start = [target_index(levels, 0.7)] * len(sizes)
+    rng = random.Random(0)
+    profile = start
+    for _ in range(200):
+        child = mutate(profile, sizes, len(levels), rng, max_step=2)
+        assert all(0 <= i < len(levels) for i in child)
+        assert total_sparsity(child, levels, sizes) == pytest.approx(0.7, abs=1e-12)
+        profile = child
+    assert profile != start  # it moved
+    raw = [rng.uniform(0, len(levels) - 1) for _ in sizes]
+    projected = project(raw, sizes, len(levels), start[0])
+    assert total_sparsity(projected, levels, sizes) == pytest.approx(0.7, abs=1e-12)
+
+
+def test_evolution_uses_cheap_fidelity_more_and_improves_a_known_optimum():
+    optimum = [3, 7, 5, 5, 2, 8]  # sums to 6 * 5: on budget
+    sizes = [1] * 6
+
+    def evaluate(profiles, windows):
+        noise = 0.0 if windows == 8 else 0.5
+        return [sum((a - b) ** 2 for a, b in zip(p, optimum)) + noise for p in profiles]
+
+    result = evolve([5] * 6, sizes, 11, evaluate, [2, 8], survivors=3, generations=60, offspring=8, seed=1)
+    assert result.fitness < 0.2 * result.curve[0]
+    assert result.curve == sorted(result.curve, reverse=True)  # the parent only ever improves
+    assert sum(result.best) == 30
+    assert result.evaluations[2] > 2 * result.evaluations[8]
+    tpe = optuna_search(5, sizes, 11, evaluate, 8, trials=24, batch=8, sampler="tpe")
+    assert sum(tpe.best) == 30 and tpe.fitness <= tpe.curve[0]
+    assert evaluate([[5] * 6], 8)[0] >= tpe.fitness  # the uniform start is its first proposal
+
+
+# --- OWL ------------------------------------------------------------------------------------------
+
+def test_outlier_ratio_counts_scores_above_m_times_the_mean():
+    scores = [torch.ones(10, 10), torch.tensor([[100.0, 1.0]])]  # mean = 200/102 ~ 1.96
+    assert outlier_ratio(scores, 5.0) == pytest.approx(1 / 102)
+    assert outlier_ratio(scores, 100.0) == 0.0
+
+
+def test_owl_scores_rise_with_planted_outliers():
+    model = build_model("llama", layers=3)
+    adapter = get_adapter(model)
+    before = owl_importance(adapter, CALIB, m=5.0, batch_size=2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in adapter.prunable_linears(adapter.decoder_layers()[1]).values():
+            flat = module.weight.view(-1)
+            flat[torch.randperm(flat.numel(), generator=generator)[:flat.numel() // 25]] *= 200
+    after = owl_importance(adapter, CALIB, m=5.0, batch_size=2)
+    assert len(after) == 3 and all(0.0 <= s < 1.0 for s in after)
+    assert after[0] == before[0]  # same weights, same (dense) inputs
+    assert after[1] > before[1] + 0.01  # 4% of its weights scaled up 200x: most become outliers
+
+
+# --- the layer database -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_database_is_built_once_then_loaded_and_assembles_the_levels(method, tmp_path):
+    model = build_model("llama", layers=2)
+    adapter = get_adapter(model)
+    levels = [0.3, 0.5, 0.7]
+    cache = StatsCache(tmp_path / "db")
+
+    def through_cache(index, make):
+        return cache.get_or_compute({"kind": "profile_layer", "layer": index, "method": method}, make)
+
+    dense = {n: p.detach().clone() for n, p in adapter.prunable_weights().items()}
+    first = build_database(adapter, method, CALIB, levels, torch.device("cpu"), 2, get_or_compute=through_cache)
+    assert all(torch.equal(p, dense[n]) for n, p in adapter.prunable_weights().items())  # left dense
+    second = build_database(adapter, method, CALIB, levels, torch.device("cpu"), 2, get_or_compute=through_cache)
+    assert [e["outcome"] for e in cache.events] == ["computed", "computed", "hit", "hit"]
+    for a, b in zip(first, second):
+        for x, y in zip(a["entries"], b["entries"]):
+            assert all(torch.equal(x[name], y[name]) for name in x)
+
+    # Layer 0 sees the same (dense) inputs in a one-shot prune: the same result at the same level.
+    oneshot = build_model("llama", layers=2)
+    masks = prune(get_adapter(oneshot), TrialConfig(method=method, sparsity="0.5", calib_batch_size=2), CALIB,
+                  torch.device("cpu"))
+    assembler = ProfileAssembler(adapter, second)
+    assembler.apply([1, 2])
+    for name, param in get_adapter(oneshot).prunable_weights().items():
+        if ".layers.0." in name:
+            assert torch.equal(masks[name], adapter.prunable_weights()[name] != 0) or method == "sparsegpt"
+            torch.testing.assert_close(adapter.prunable_weights()[name], param, rtol=1e-4, atol=1e-5)
+    for index, level in ((0, 0.5), (1, 0.7)):
+        layer = adapter.decoder_layers()[index]
+        weights = [m.weight for m in adapter.prunable_linears(layer).values()]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        assert zeros == pytest.approx(level, abs=0.03)
+
+
+# --- end to end: search, --layer-ratios, checks ---------------------------------------------------
+
+def _flags(model_dir, text_files, out, *extra):
+    return ["--model", str(model_dir), "--sparsity", "0.6", "--nsamples", "4", "--seqlen", "32",
+            "--eval-seqlen", "32", "--calib-data", str(text_files["calib"]), "--val-data", str(text_files["val"]),
+            "--eval-data", str(text_files["eval"]), "--output", str(out), "-q", *extra]
+
+
+def test_search_writes_a_profile_that_prune_accepts_and_refuses_for_another_model(
+        saved_model_dir, text_files, tmp_path, capsys):
+    model_dir = saved_model_dir()
+    out = tmp_path / "search"
+    code = profile_main(_flags(model_dir, text_files, out, "--profile-levels", "0.4:0.8:0.1", "--generations", "3",
+                               "--offspring", "3", "--survivors", "2", "--fidelity", "1,2", "--no-compare",
+                               "--rescore", "2", "--eval-max-windows", "2"))
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "best_profile.json").read_text())
+    record = json.loads((out / "profile_search.json").read_text())
+    assert saved["num_layers"] == 2 and saved["fingerprint"]
+    assert sum(saved["layer_ratios"]) / 2 == pytest.approx(0.6)
+    assert record["kl"] <= record["kl_uniform"] + 1e-9 and record["database"] == {"computed": 2}
+    assert (out / "profile.png").stat().st_size > 1000
+    rescored = record["rescored"]  # re-pruned sequentially, best validation perplexity first, and chosen
+    assert 1 <= len(rescored) <= 2 and [r["val_ppl"] for r in rescored] == sorted(r["val_ppl"] for r in rescored)
+    assert record["profile"] == rescored[0]["profile"]
+    again = profile_main(_flags(model_dir, text_files, tmp_path / "again", "--profile-levels", "0.4:0.8:0.1",
+                                "--generations", "1", "--offspring", "2", "--fidelity", "1,2", "--no-compare",
+                                "--storage", str(out / "layer_db")))
+    assert again == 0 and json.loads((tmp_path / "again" / "profile_search.json").read_text())["database"] == {"hit": 2}
+
+    base = dict(model=str(model_dir), method="wanda", sparsity="0.6", nsamples=4, seqlen=32, eval_seqlen=32,
+                eval_max_windows=2, calib_data=str(text_files["calib"]), val_data=str(text_files["val"]),
+                eval_data=str(text_files["eval"]))
+    summary = run_trial(TrialConfig(**base, layer_ratios=str(out / "best_profile.json"))).summary
+    for layer, ratio in enumerate(saved["layer_ratios"]):
+        assert summary["per_layer"][str(layer)] == pytest.approx(ratio, abs=2 / 64)
+    for change, fragment in (({"num_layers": 3, "layer_ratios": saved["layer_ratios"] + [0.6]}, "3 layers"),
+                             ({"fingerprint": "0" * 32}, "another model"),
+                             ({"layer_ratios": [0.5, 0.5]}, "not the target")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({**saved, **change}))
+        with pytest.raises(ConfigError, match=fragment):
+            run_trial(TrialConfig(**base, layer_ratios=str(bad)))
+
+
+def test_owl_allocation_inside_a_trial(saved_model_dir, text_files):
+    summary = run_trial(TrialConfig(
+        model=str(saved_model_dir()), method="sparsegpt", sparsity="0.5", pruning_strategy="inverse", alpha=2.0,
+        importance_method="owl", owl_m=3.0, importance_samples=4, nsamples=4, seqlen=32, eval_seqlen=32,
+        eval_max_windows=2, calib_data=str(text_files["calib"]), val_data=str(text_files["val"]),
+        eval_data=str(text_files["eval"]))).summary
+    importance = summary["layer_importance"]
+    assert importance["method"] == "owl" and importance["owl_m"] == 3.0
+    ratios = summary["history"][-1]["layer_ratios"]
+    assert ratios[0] != pytest.approx(ratios[1]) and sum(ratios) / 2 == pytest.approx(0.5)
+    assert ratios[importance["scores"].index(max(importance["scores"]))] == min(ratios)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--profile-levels", "0.5,0.6,1.2"], "outside [0, 1)"),
+    (["--profile-levels", "0.35:0.85:0.1"], "cannot reach the target"),
+    (["--sparsity", "2:4"], "N:M pattern"),
+    (["--method", "magnitude"], "wanda or sparsegpt"),
+    (["--fidelity", "8,2"], "increasing"),
+    (["--owl-m", "0"], "owl_m"),
+    *([(["--search", "cmaes"], "pip install cmaes")] if importlib.util.find_spec("cmaes") is None else []),
+])
+def test_bad_profile_requests_are_one_line_errors_before_any_work(extra, fragment, text_files, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert profile_main(_flags(tmp_path / "no-model-needed", text_files, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and fragment in err
+    assert not out.exists()
+
+
+def test_layer_ratios_setting_is_checked_up_front(tmp_path):
+    with pytest.raises(ConfigError, match="drop --pruning-strategy"):
+        TrialConfig(layer_ratios="x.json", pruning_strategy="inverse").validate()
+    with pytest.raises(ConfigError, match="N:M"):
+        TrialConfig(layer_ratios="x.json", sparsity="2:4").validate()
+    from raysparse.config.inputs import check_inputs
+
+    with pytest.raises(ConfigError, match="file not found"):
+        check_inputs(TrialConfig(layer_ratios=str(tmp_path / "missing.json")).validate())
+    from raysparse.search.space_file import parse_space
+
+    space = parse_space({"fixed": {"method": "wanda", "sparsity": 0.8, "layer_ratios": "runs/p/best_profile.json"},
+                         "params": {"lr": {"loguniform": [1e-5, 1e-3]}}}, "space")
+    assert space.fixed["layer_ratios"] == "runs/p/best_profile.json"  # a search's trials start from it
+
+
+@pytest.mark.slow
+def test_ray_actors_score_profiles_as_the_process_does(saved_model_dir):
+    """The parallel path: actors load their own model and read the database from the object store."""
+    import ray
+
+    from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
+
+    model_dir = saved_model_dir()
+    from raysparse.models.loading import load_model
+
+    loaded = load_model(str(model_dir), "cpu", "auto", False)
+    database = build_database(loaded.adapter, "wanda", CALIB, [0.3, 0.5, 0.7], torch.device("cpu"), 2)
+    windows = torch.randint(3, 300, (3, 16), generator=torch.Generator().manual_seed(1))
+    reference = log_probs(loaded.model, windows, 2, torch.device("cpu"))
+    profiles = [[1, 1], [0, 2], [2, 0]]
+    local = ParallelEvaluator(local=ProfileEvaluator(loaded.model, database, windows, reference, 2))(profiles, 3)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        actors = remote_evaluators(2, str(model_dir), "auto", False, database, windows, reference, 2)
+        remote = ParallelEvaluator(actors=actors)(profiles, 3)
+    finally:
+        ray.shutdown()
+    assert remote == pytest.approx(local, rel=1e-4)
+    assert len(set(round(v, 6) for v in local)) == 3  # the profiles differ, and so do their scores
