@@ -184,6 +184,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, spec: TaskSpec, role: str, device
 
     The model's train/eval mode is restored afterwards (a trial may go on training it), and
     lm-eval is kept from reseeding the global random generators (the trial's draws stay its own).
+    Our task manager is passed on: without it lm-eval indexes all of its own tasks on every call.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -197,7 +198,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, spec: TaskSpec, role: str, device
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=spec.batch_size,
                   device=str(device))
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), num_fewshot=spec.fewshot,
-                                      limit=spec.limit, random_seed=None, numpy_random_seed=None,
+                                      limit=spec.limit, task_manager=task_manager(spec), random_seed=None, numpy_random_seed=None,
                                       torch_random_seed=None, log_samples=False, bootstrap_iters=1000)
     finally:
         model.train(was_training)

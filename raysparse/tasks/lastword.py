@@ -26,7 +26,7 @@ MAX_WORDS = 48  # context kept before the last word (short models: 128-256 token
 
 MIN_WORDS = 12
 
-MAX_DOCS = 500  # per split
+MAX_DOCS = 400  # per split
 
 _WORD = re.compile(r"[A-Za-z]+")
 
@@ -34,16 +34,27 @@ TINYSTORIES_ENV = "RAYSPARSE_TINYSTORIES"
 
 
 def lastword_documents(text: str, max_docs: int = MAX_DOCS) -> list[str]:
-    """Paragraphs of `text` cut to their last MAX_WORDS words, each ending in a plain word."""
+    """Non-overlapping passages of `text` (at most MAX_WORDS words) that end in a predictable word.
+
+    As in LAMBADA, the last word must be predictable from the passage: a passage ends at a
+    plain word (letters only, three or more) that already occurs in the MAX_WORDS - 1 words
+    before it, so a model that reads its context can get it right and one that lost that
+    ability (pruned too far) cannot. Each passage starts after the previous one's last word.
+    """
+    words = text.split()
     docs: list[str] = []
-    for paragraph in text.split("\n\n"):
-        words = paragraph.split()
-        while words and not _WORD.fullmatch(words[-1].rstrip(".,;:!?\"')")):
-            words.pop()  # end on a word, not on code or a number
-        if len(words) < MIN_WORDS:
+    start = 0
+    for i in range(len(words)):
+        if i - start + 1 < MIN_WORDS:
             continue
-        words[-1] = words[-1].rstrip(".,;:!?\"')")
-        docs.append(" ".join(words[-MAX_WORDS:]))
+        target = words[i].rstrip(".,;:!?\"')")
+        if len(target) < 3 or not _WORD.fullmatch(target):
+            continue
+        context = words[max(start, i - MAX_WORDS + 1): i]
+        if target.lower() not in {w.strip(".,;:!?\"'()").lower() for w in context}:
+            continue
+        docs.append(" ".join(context + [target]))
+        start = i + 1
         if len(docs) >= max_docs:
             break
     return docs
