@@ -86,13 +86,28 @@ def task_manager(spec: TaskSpec):
     local = _task_manager(paths, False)
     if all(name in local.all_tasks for name in spec.names):
         return local
-    manager = _task_manager(paths, True)
-    unknown = [name for name in spec.names if name not in manager.all_tasks]
+    # A name no YAML of lm-eval's mentions is unknown: say so without the slow index.
+    unknown = [name for name in spec.names if name not in local.all_tasks and not _mentioned_by_lm_eval(name)]
+    if not unknown:
+        manager = _task_manager(paths, True)
+        unknown = [name for name in spec.names if name not in manager.all_tasks]
     if unknown:
         where = f"lm-eval's tasks, {SHIPPED_TASKS}" + (f" or {spec.path}" if spec.path else "")
         raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: not found in {where} "
                           "(see `lm-eval ls tasks`, or give a folder of task YAMLs with --eval-tasks-path)")
     return manager
+
+
+def _mentioned_by_lm_eval(name: str) -> bool:
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    return any(name in path.read_text(encoding="utf-8", errors="replace") for path in _yaml_files(root))
+
+
+@lru_cache(maxsize=2)
+def _yaml_files(root: Path) -> tuple[Path, ...]:
+    return tuple(root.rglob("*.yaml"))
 
 
 def _dataset_of(manager, name: str) -> str:
