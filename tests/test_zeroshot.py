@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import shared_path
+
 from raysparse.cli.prune import prune_main
 from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
@@ -62,10 +62,11 @@ def test_an_unknown_task_or_missing_folder_is_a_config_error():
 def test_accuracy_is_above_chance_dense_and_drops_at_80_percent_on_stories260k(tmp_path):
     model_dir = shared_path("stories260K", "hf")
     text = shared_path("tinystories_valid", "tinystories_val.txt").read_text(encoding="utf-8")
-    evaluation = tmp_path / "eval.txt"
+    evaluation, calib = tmp_path / "eval.txt", tmp_path / "calib.txt"
     evaluation.write_text(text[3 * len(text) // 4:], encoding="utf-8")
+    calib.write_text(text[: len(text) // 2], encoding="utf-8")  # the task's passages are in the second half
     summary = run_trial(TrialConfig(model=str(model_dir), method="magnitude", sparsity="0.8",
-                                    eval_data=str(evaluation), eval_seqlen=256, eval_max_windows=4,
+                                    eval_data=str(evaluation), calib_data=str(calib), eval_seqlen=256, eval_max_windows=4,
                                     eval_tasks=STORIES_TASK, eval_tasks_limit=60)).summary
     zeroshot = summary["zeroshot"]
     # Chance is about 1 in 512 (the vocabulary); the dense model gets ~40% of these words.

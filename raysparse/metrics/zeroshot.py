@@ -132,7 +132,8 @@ def load_tasks(spec: TaskSpec, role: str) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     for name in spec.names:
         try:
-            loaded = manager.load_task_or_group([name])
+            # load() since lm-eval 0.4.10 (flat dict of tasks); load_task_or_group before (a tree)
+            loaded = manager.load([name])["tasks"] if hasattr(manager, "load") else manager.load_task_or_group([name])
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read: name it and the fix
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             raise DataError(
