@@ -92,14 +92,6 @@ def test_a_structurally_shrunk_model_with_lora_evaluates(tiny_preset, tmp_path):
     assert summary["zeroshot"]["test_final"] is None  # report_test off: no test split read
 
 
-@pytest.mark.slow
-def test_a_masked_lora_model_evaluates_with_its_adapter(tiny_preset):
-    summary = run_trial(TrialConfig(method="magnitude", sparsity="0.5", eval_max_windows=4, recovery="lora",
-                                    train_samples=8, max_steps=2, batch_size=4, report_test=False,
-                                    eval_tasks=PYDOC_TASK, eval_tasks_limit=16)).summary
-    assert summary["zeroshot"]["val"]["acc_final"] is not None
-
-
 SPACE = """
 description: zero-shot objective (tiny, one-shot magnitude, 2 trials)
 fixed:

@@ -124,9 +124,10 @@ def main() -> None:
     parser.add_argument("--no-recovery", action="store_true", help="skip the recovered rows")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     folder = Path(tempfile.mkdtemp(prefix="raysparse-bench-zs-"))
     rows, costs = [], []
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "lm_eval": lm_eval.__version__, "limit": args.limit, "recovery": RECOVERY, "eval": EVAL}
     for name in args.models.split(","):
         case = model_case(name, folder)
         if case is None:
@@ -139,12 +140,14 @@ def main() -> None:
                 for recovered in (False,) if args.no_recovery else (False, True):
                     rows.append(run_row(case, method, target, recovered, args.limit, cache))
                     print(json.dumps(rows[-1]), flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "lm_eval": lm_eval.__version__, "limit": args.limit, "recovery": RECOVERY, "eval": EVAL}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_zeroshot.json").write_text(json.dumps({"meta": meta, "rows": rows, "costs": costs}, indent=2))
-    (args.out / "bench_zeroshot.md").write_text(to_markdown(rows, costs, meta))
+                    write(args.out, rows, costs, meta)  # after every row: a long run leaves what it measured
     print(to_markdown(rows, costs, meta))
+
+
+def write(out: Path, rows: list[dict], costs: list[dict], meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_zeroshot.json").write_text(json.dumps({"meta": meta, "rows": rows, "costs": costs}, indent=2))
+    (out / "bench_zeroshot.md").write_text(to_markdown(rows, costs, meta))
 
 
 if __name__ == "__main__":
