@@ -135,9 +135,10 @@ def main() -> None:
         cache = str(folder / f"cache-{name}")
         costs.append(eval_cost(case, args.limit))
         print(json.dumps(costs[-1]), flush=True)
-        for target in (float(t) for t in args.targets.split(",")):
-            for method in args.methods.split(","):
-                for recovered in (False,) if args.no_recovery else (False, True):
+        # Without recovery first: a run cut short still has every method at every target.
+        for recovered in (False,) if args.no_recovery else (False, True):
+            for target in (float(t) for t in args.targets.split(",")):
+                for method in args.methods.split(","):
                     rows.append(run_row(case, method, target, recovered, args.limit, cache))
                     print(json.dumps(rows[-1]), flush=True)
                     write(args.out, rows, costs, meta)  # after every row: a long run leaves what it measured
