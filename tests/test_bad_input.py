@@ -364,3 +364,46 @@ def test_check_cluster_errors_are_one_line(case, content, fragment, tmp_path):
 def test_check_cluster_help_is_help(tmp_path):  # item 8: --help is not a file name
     proc, _ = run_script("check_cluster.py", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "usage: launch/check_cluster.py" in proc.stdout and not proc.stderr
+
+
+# --- zero-shot tasks (issue 14): names, folders and datasets, before the model loads -------------------
+
+UNCACHED_TASK = """task: raysparse_test_uncached
+dataset_path: raysparse-nobody/absent_dataset
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{text}}"
+doc_to_target: " x"
+"""
+
+
+@pytest.mark.slow  # lm-eval's import and a scan of its ~14K task files: ~20 s on a loaded 2-core machine
+@pytest.mark.parametrize("case,fragment", [
+    ("unknown", "unknown lm-eval task(s) arc_eesy"),
+    ("folder", "is not a folder of lm-eval task YAMLs"),
+    ("uncached", "cannot load raysparse-nobody/absent_dataset"),
+])
+def test_eval_tasks_are_checked_before_the_model_loads(case, fragment, llama_dir, files, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "uncached.yaml").write_text(UNCACHED_TASK)
+    extra = {"unknown": ["--eval-tasks", "arc_eesy"],
+             "folder": ["--eval-tasks", "arc_easy", "--eval-tasks-path", str(tmp_path / "absent")],
+             "uncached": ["--eval-tasks", "raysparse_test_uncached", "--eval-tasks-path", str(tasks)]}[case]
+    out = tmp_path / "out"
+    # lm-eval's import and its index of task files cost CPU seconds of their own: no model load is the bound
+    line = one_line_error(prune_main, model_args(llama_dir, files) + extra + ["--output", str(out)], capsys,
+                          fragment, within_s=15.0)
+    assert not out.exists()
+    if case == "uncached":
+        assert "dataset_path: json" in line  # how to provide it offline
+
+
+def test_a_zeroshot_objective_needs_eval_tasks_in_the_space(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("fixed:\n  model: tiny\n  method: magnitude\nparams:\n  sparsity: {choice: [0.3, 0.5]}\n")
+    storage = tmp_path / "runs"
+    one_line_error(search_main, ["--space", str(space), "--objective", "zeroshot_acc", "--storage", str(storage)],
+                   capsys, "set eval_tasks")
+    assert not storage.exists()

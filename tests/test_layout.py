@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raysparse"
 # Lower rank = lower layer. A module may import modules of its own or a lower rank only.
 LAYERS: dict[str, int] = {
     "raysparse.errors": 0, "raysparse.paths": 0,
-    "raysparse.data": 1, "raysparse.metrics": 1, "raysparse.sparsity.pattern": 1,
+    "raysparse.data": 1, "raysparse.metrics": 1, "raysparse.sparsity.pattern": 1, "raysparse.tasks": 1,
     "raysparse.config": 2,
     "raysparse.models": 3,
     "raysparse.sparsity": 4,

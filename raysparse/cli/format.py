@@ -14,6 +14,7 @@ def format_prune_report(summary: dict[str, Any]) -> str:
         f"  pruned         {_number(summary['ppl_pruned']):>15}  {_number(val['ppl_pruned']):>22}",
         f"  final          {_number(summary['ppl_final']):>15}  {_number(val['ppl_final']):>22}"
         f"  ({summary['ppl_change_pct']:+.2f}% vs unpruned)  best epoch {_number(val['ppl_best'])}",
+        *(_zeroshot_lines(summary["zeroshot"]) if summary.get("zeroshot") else []),
         f"iterations       {summary['iterations']} ({summary['schedule']}, recovery {summary['recovery']})",
         *([] if summary.get("structured") else [
             f"sparsity         {summary['sparsity_measured']:.4f} measured from the weights "
@@ -43,6 +44,17 @@ def format_prune_report(summary: dict[str, Any]) -> str:
     if summary.get("saved_model"):
         lines.append(f"saved model      {summary['saved_model']}")
     return "\n".join(lines)
+
+
+def _zeroshot_lines(zeroshot: dict[str, Any]) -> list[str]:
+    from raysparse.metrics.zeroshot import zeroshot_line
+
+    lines = ["zero-shot acc    (lm-eval)"]
+    for label, key in (("dense", "test_dense"), ("final", "test_final"), ("dense val", "val_dense"),
+                       ("final val", "val_final")):
+        if zeroshot.get(key):
+            lines.append(f"  {label:<13}{zeroshot_line(zeroshot[key])}")
+    return lines
 
 
 def _number(value: float | None) -> str:
@@ -79,6 +91,8 @@ def format_iteration(record: dict[str, Any]) -> str:
         parts.append(f"recovered {record['recovery_pct']:.1f}%")
     if record.get("ppl_with_adapter") is not None:
         parts.append(f"with adapter {record['ppl_with_adapter']:.4f}")
+    if record.get("val_zeroshot_acc") is not None:
+        parts.append(f"zero-shot {100 * record['val_zeroshot_acc']:.2f}%")
     if record.get("train_loss") is not None:
         parts.append(f"loss {record['train_loss']:.4f}")
     parts.append(f"{record['time_s']:.1f}s")

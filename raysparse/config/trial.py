@@ -45,6 +45,8 @@ RATIOS = "per-layer ratios from layer importance"
 
 STRUCTURED = "structured pruning (--method structured)"
 
+ZEROSHOT = "zero-shot accuracy (lm-evaluation-harness, pip install 'raysparse[eval]')"
+
 _DATA = "wikitext2 | c4 | ptb | pydoc | PATH (.txt/.jsonl)"
 
 _WINDOW = f"the model's context, at most {DEFAULT_MAX_WINDOW}"
@@ -183,6 +185,15 @@ class TrialConfig:
                                      "(--no-test-after-prune: skip it; recovery's own baseline is used "
                                      "if it takes one)", group=STRUCTURED)
 
+    eval_tasks: str | None = setting(None, "lm-eval tasks run on the model after every iteration and on the dense model, "
+                                     "e.g. arc_easy,piqa or raysparse_lastword_pydoc (offline, shipped)", shown="none",
+                                     also=(list,), group=ZEROSHOT)
+    eval_tasks_path: str | None = setting(None, "folder of extra lm-eval task YAMLs", group=ZEROSHOT)
+    eval_tasks_limit: int | None = setting(None, "first N documents of each task (quick searches)", within=">= 1",
+                                           shown="all", group=ZEROSHOT)
+    eval_tasks_fewshot: int = setting(0, "few-shot examples per document", within=">= 0", group=ZEROSHOT)
+    eval_tasks_batch_size: int = setting(8, "lm-eval batch size", within=">= 1", group=ZEROSHOT)
+
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, str):
             self.sparsity = str(self.sparsity)
@@ -232,10 +243,24 @@ class TrialConfig:
         if self.val_data is not None and self.eval_data is not None and _same_text(self.val_data, self.eval_data):
             raise ConfigError(f"--val-data and --eval-data both name {self.eval_data}: validation text drives "
                               "decisions and test text must stay unseen by them; give disjoint texts")
+        self._validate_zeroshot()
         self._validate_schedule_and_recovery()
         self._validate_structured()
         self._validate_allocation()
         return self
+
+    def _validate_zeroshot(self) -> None:
+        from raysparse.metrics.zeroshot import lm_eval_version, parse_task_names
+
+        if isinstance(self.eval_tasks, (list, tuple)):
+            self.eval_tasks = ",".join(str(name) for name in self.eval_tasks)
+        if not parse_task_names(self.eval_tasks):
+            if self.eval_tasks_path is not None:
+                raise ConfigError("--eval-tasks-path is set but no --eval-tasks: name the tasks to run")
+            return
+        lm_eval_version()  # the extra is installed
+        if self.eval_tasks_path is not None and not Path(self.eval_tasks_path).is_dir():
+            raise ConfigError(f"--eval-tasks-path {self.eval_tasks_path} is not a folder of lm-eval task YAMLs")
 
     def _validate_structured(self) -> None:
         if not self.is_structured:

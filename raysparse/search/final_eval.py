@@ -30,8 +30,13 @@ FINAL_EVAL_FILE = "final_eval.json"
 def _evaluate(config_dict: dict[str, Any]) -> dict[str, Any]:
     """One re-run with the test text reported (runs in a Ray task)."""
     summary = run_trial(config_dict).summary
+    zeroshot = summary.get("zeroshot") or {}
     return {"seed": config_dict["seed"], "val_ppl": summary["val"]["ppl_final"], "test_ppl": summary["ppl_final"],
-            "test_ppl_dense": summary["ppl_dense"], "val_ppl_dense": summary["val"]["ppl_dense"]}
+            "test_ppl_dense": summary["ppl_dense"], "val_ppl_dense": summary["val"]["ppl_dense"],
+            # lm-eval: the test split here (the search decided on the validation split)
+            "val_zeroshot_acc": (zeroshot.get("val") or {}).get("acc_final"),
+            "test_zeroshot_acc": zeroshot.get("acc_final"), "test_zeroshot_acc_dense": zeroshot.get("acc_dense"),
+            "test_zeroshot": zeroshot.get("test_final")}
 
 
 def chosen_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -73,6 +78,10 @@ def evaluate_chosen(report: dict[str, Any], space: SearchSpace, settings: Search
         row.update(test_ppl=statistics.fmean(tests), test_ppl_std=statistics.stdev(tests) if len(tests) > 1 else None,
                    test_ppl_dense=runs[0]["test_ppl_dense"], test_seeds=len(runs),
                    val_ppl_rerun=runs[0]["val_ppl"])
+        if runs[0].get("test_zeroshot_acc") is not None:
+            accs = [r["test_zeroshot_acc"] for r in runs]
+            row.update(test_zeroshot_acc=statistics.fmean(accs), test_zeroshot_acc_dense=runs[0]["test_zeroshot_acc_dense"],
+                       val_zeroshot_acc_rerun=runs[0]["val_zeroshot_acc"])
         evaluated.append({"trial_id": row["trial_id"], "chosen_on": "validation", "val_ppl": row["val_ppl"],
                           "runs": runs, "test_ppl_mean": row["test_ppl"], "test_ppl_std": row["test_ppl_std"]})
     (experiment / FINAL_EVAL_FILE).write_text(json.dumps(evaluated, indent=2))

@@ -58,7 +58,8 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             "status": _trial_status(result, target, statuses[index] if statuses else None),
             "error": error_reason(result.error) if result.error else None,
             **{f"param_{k}": v for k, v in params.items()},
-            **{k: metrics.get(k) for k in ("val_ppl", "val_ppl_dense", "sparsity", "iteration",
+            **{k: metrics.get(k) for k in ("val_ppl", "val_ppl_dense", "val_zeroshot_acc", "val_zeroshot_acc_dense",
+                                            "sparsity", "iteration",
                                             "train_steps_total", "wall_s_total", "params_remaining",
                                             "ppl_after_prune", "recovery_pct", "node_id", "attempt",
                                             "resumed_after")},
@@ -72,12 +73,9 @@ def summarise_results(grid, space: SearchSpace, settings: SearchSettings, experi
             histories[row["trial_id"]] = frame[["sparsity", "val_ppl"]].dropna().to_dict("records")
     write_tables(rows, experiment)
 
-    completed = [r for r in rows if r["status"] == "completed" and r["val_ppl"] is not None]
-    # Ties (two schedules reaching the same weights) go to the parameters that sort first, not to
-    # the row order, which a resumed search changes.
-    best = min(completed, key=lambda r: (r["val_ppl"], json.dumps({k: v for k, v in r.items() if k.startswith(
-        "param_")}, sort_keys=True, default=str))) if completed else None
-    pareto = pareto_front(completed, metrics_names) if len(metrics_names) > 1 else None
+    completed = [r for r in rows if r["status"] == "completed" and all(r.get(m) is not None for m in metrics_names)]
+    best = best_row(completed, metrics_names[0], modes[0])
+    pareto = pareto_front(completed, metrics_names, modes) if len(metrics_names) > 1 else None
     best_config_path = None
     if best is not None:
         best_params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_")}
@@ -107,10 +105,27 @@ def error_reason(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
-def pareto_front(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-    """Rows not dominated on every (minimised) metric."""
+def best_row(rows: list[dict[str, Any]], metric: str, mode: str = "min") -> dict[str, Any] | None:
+    """The row with the lowest (mode min) or highest (max) value of `metric`.
+
+    Ties (two schedules reaching the same weights) go to the parameters that sort first, not
+    to the row order, which a resumed search changes.
+    """
+    if not rows:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    return min(rows, key=lambda r: (sign * r[metric], json.dumps(
+        {k: v for k, v in r.items() if k.startswith("param_")}, sort_keys=True, default=str)))
+
+
+def pareto_front(rows: list[dict[str, Any]], metrics: list[str],
+                 modes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows not dominated on every metric (minimised, or maximised where its mode is max)."""
+    signs = {m: -1.0 if mode == "max" else 1.0 for m, mode in zip(metrics, modes or ["min"] * len(metrics))}
+
     def dominates(a, b):
-        return all(a[m] <= b[m] for m in metrics) and any(a[m] < b[m] for m in metrics)
+        return (all(signs[m] * a[m] <= signs[m] * b[m] for m in metrics)
+                and any(signs[m] * a[m] < signs[m] * b[m] for m in metrics))
 
     return [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
 
@@ -128,7 +143,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{row['trial_id']:<16} {row['status']:<10} {ppl:>10} {sparsity:>8}  {params}"
                      + (f"  error: {row['error']}" if row["error"] else ""))
     if report["best"]:
-        lines.append(f"best (chosen on validation): {report['best']['trial_id']} val_ppl {report['best']['val_ppl']:.4f}")
+        best = report["best"]
+        acc = (f" val_zeroshot_acc {100 * best['val_zeroshot_acc']:.2f}%"
+               if best.get("val_zeroshot_acc") is not None else "")
+        lines.append(f"best (chosen on validation): {best['trial_id']} val_ppl {best['val_ppl']:.4f}{acc}")
         for entry in report.get("final_eval") or []:
             runs = entry["runs"]
             spread = f" ± {entry['test_ppl_std']:.4f} (std over {len(runs)} calibration seeds)" \

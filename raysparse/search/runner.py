@@ -34,6 +34,7 @@ from raysparse.search.searcher import _make_scheduler, _make_searcher
 from raysparse.search.settings import (
     ASHA_STATE_FILE,
     CACHE_STATS_FILE,
+    OBJECTIVES,
     SEARCH_STATE_FILE,
     SearchSettings,
     parse_search_state,
@@ -168,6 +169,7 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         check_validation_source(space)
         if not settings.address:  # a cluster's nodes may see other files than this driver
             check_space_inputs(space)
+        check_objective_inputs(settings, space)
         name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
         root = _storage_root(settings)
         if is_uri(root):
@@ -246,6 +248,16 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
         report.update(experiment=remote, local_copy=str(experiment))
     report["wall_s"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def check_objective_inputs(settings: SearchSettings, space: SearchSpace) -> None:
+    """A zero-shot objective needs lm-eval tasks in every trial: refuse a space without them."""
+    metrics, _ = OBJECTIVES[settings.objective]
+    if "val_zeroshot_acc" not in metrics:
+        return
+    if "eval_tasks" in space.params or not space.fixed.get("eval_tasks"):
+        raise ConfigError(f"--objective {settings.objective} ranks trials by lm-eval accuracy: set eval_tasks "
+                          f"(e.g. raysparse_lastword_pydoc) under fixed: in {space.source}")
 
 
 def check_validation_source(space: SearchSpace) -> None:

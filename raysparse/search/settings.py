@@ -28,6 +28,9 @@ OBJECTIVES: dict[str, tuple[list[str], list[str]]] = {
     "final_ppl": (["val_ppl"], ["min"]),
     "ppl_vs_compute": (["val_ppl", "train_steps_total"], ["min", "min"]),
     "ppl_vs_params": (["val_ppl", "params_remaining"], ["min", "min"]),
+    # lm-eval's mean accuracy on the tasks' validation split (the space must set eval_tasks)
+    "zeroshot_acc": (["val_zeroshot_acc"], ["max"]),
+    "ppl_vs_acc": (["val_ppl", "val_zeroshot_acc"], ["min", "max"]),
 }
 
 
@@ -41,7 +44,8 @@ class SearchSettings:
 
     objective: str = setting("final_ppl", "final_ppl: min validation perplexity at the target; ppl_vs_compute / "
                              "ppl_vs_params: Pareto set of validation perplexity vs training steps / parameters "
-                             "left", choices=tuple(OBJECTIVES))
+                             "left; zeroshot_acc: max mean lm-eval accuracy (validation split) at the target; "
+                             "ppl_vs_acc: Pareto set of the two (zero-shot objectives need eval_tasks)", choices=tuple(OBJECTIVES))
     space: str = setting(str(DEFAULT_SPACE), "search space YAML (see search_spaces/)",
                          shown="search_spaces/default.yaml")
     num_samples: int = setting(8, "trials to run", within=">= 1")

@@ -27,6 +27,8 @@ def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
         "val_ppl": float(record["ppl_after_train"]),  # validation text: what the searcher and ASHA decide on
         "ppl_after_prune": None if record.get("ppl_after_prune") is None else float(record["ppl_after_prune"]),
         "sparsity": float(record["sparsity"]),
+        # lm-eval's mean accuracy on the validation split (None without eval_tasks)
+        "val_zeroshot_acc": None if record.get("val_zeroshot_acc") is None else float(record["val_zeroshot_acc"]),
         # The milestone is the planned level, not the measured one: a trial whose per-row
         # rounding lands on 79.72% for an 80% target still reaches the 80% rung.
         "sparsity_pct": int(math.floor(100 * float(record.get("target_sparsity", record["sparsity"])) + 1e-6)),
@@ -48,7 +50,9 @@ def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
 
 def _final_metrics(summary: dict[str, Any], placement: dict[str, Any]) -> dict[str, Any]:
     final = _trial_metrics(summary["history"][-1])
-    final.update(val_ppl_dense=summary["val"]["ppl_dense"], completed=True, iterations=summary["iterations"],
+    zeroshot = summary.get("zeroshot") or {}
+    final.update(val_ppl_dense=summary["val"]["ppl_dense"], completed=True,
+                 val_zeroshot_acc_dense=(zeroshot.get("val") or {}).get("acc_dense"), iterations=summary["iterations"],
                  **placement)
     if summary.get("wall_s_total") is not None:  # up to the summary, past the last iteration
         final["wall_s_total"] = summary["wall_s_total"]

@@ -14,6 +14,7 @@ from raysparse.data.sources import calibration_windows, resolve_source, token_st
 from raysparse.errors import DataError, ModelError
 from raysparse.metrics.perplexity import perplexity, window_starts
 from raysparse.metrics.resources import PhaseTimer
+from raysparse.metrics.zeroshot import TaskSpec, describe_tasks, evaluate_tasks
 from raysparse.models.loading import LoadedModel, load_model, resolve_device, resolve_model_path
 from raysparse.trial.cache import StatsCache
 from raysparse.trial.settings import ResolvedSettings, resolve_settings
@@ -39,6 +40,14 @@ class TrialContext:
     teacher: Any = None  # the frozen dense model for distillation, loaded when recovery first needs it
     teacher_cache: Any = None  # its outputs per training window (TeacherOutputCache), kept for the whole trial
     profile_ratios: list[float] | None = None  # --layer-ratios, checked against this model and the target
+    tasks: TaskSpec | None = None  # lm-eval tasks (--eval-tasks)
+    tasks_protocol: dict[str, Any] | None = None  # lm-eval's and the tasks' versions, the splits each role reads
+
+    def zeroshot(self, role: str = "validation", desc: str = "zero-shot") -> dict[str, Any] | None:
+        """The lm-eval tasks on the model as it is now (None without --eval-tasks)."""
+        if self.tasks is None:
+            return None
+        return evaluate_tasks(self.loaded.model, self.loaded.tokenizer, self.tasks, role, self.device, desc)
 
     def evaluate(self, model: torch.nn.Module | None = None, desc: str = "perplexity") -> float:
         """Perplexity on the validation text: what every decision of the trial reads."""
@@ -61,6 +70,9 @@ def _prepare(config: TrialConfig) -> TrialContext:
     config.validate()
     check_inputs(config)
     settings = resolve_settings(config)
+    tasks = TaskSpec.from_config(config)
+    # Task names and datasets are checked here, before the model is loaded.
+    tasks_protocol = describe_tasks(tasks) if tasks is not None else None
     calib_source = resolve_source(settings.calib_data, "calibration")
     test_source = resolve_source(settings.eval_data, "test")
     val_source = resolve_source(settings.val_data, "validation") if settings.val_data else None
@@ -104,7 +116,7 @@ def _prepare(config: TrialConfig) -> TrialContext:
     if config.stats_cache:
         cache = StatsCache(config.stats_cache)
     ctx = TrialContext(config, settings, loaded, device, val_stream, test_stream, calib, importance_calib,
-                       train_windows, timer, cache, taylor_windows)
+                       train_windows, timer, cache, taylor_windows, tasks=tasks, tasks_protocol=tasks_protocol)
     if config.layer_ratios:
         ctx.profile_ratios = load_profile_ratios(ctx)
     return ctx

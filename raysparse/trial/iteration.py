@@ -79,6 +79,10 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
     else:
         record["ppl_after_train"] = ppl_after_prune
     verify_masks(ctx.loaded.model, masks)
+    if ctx.tasks is not None:  # every iteration: a search may rank trials by it at each milestone
+        with ctx.timer.phase("zeroshot"):
+            record["zeroshot"] = ctx.zeroshot("validation", desc=f"zero-shot ({index + 1}/{len(state.levels)})")
+        record["val_zeroshot_acc"] = record["zeroshot"]["mean_acc"]
     report = measure_sparsity(ctx.loaded.adapter)
     sparsity = step.sparsity(ctx, outcome)
     record.update(

@@ -29,7 +29,7 @@ from raysparse.trial.checkpoint import clear_checkpoints, load_trial_state, rest
 from raysparse.trial.context import _prepare
 from raysparse.trial.iteration import TrialFailed, run_iteration
 from raysparse.trial.state import RAY_TRAIN_DIR, SUMMARY_FILE, TrialState
-from raysparse.trial.statistics import dense_perplexity, dense_test_perplexity, layer_importance
+from raysparse.trial.statistics import dense_perplexity, dense_test_perplexity, dense_zeroshot, layer_importance
 from raysparse.trial.summary import build_summary, write_outputs
 
 __all__ = ["PruneResult", "Reporter", "TrialFailed", "TrialResult", "prune_model", "run_trial"]
@@ -87,6 +87,10 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
                                    start, config.max_iterations)
         state = TrialState(config=config.to_dict(), levels=levels, ppl_dense=ppl_dense, start_sparsity=start,
                            test_ppl_dense=test_ppl_dense)
+        if ctx.tasks is not None:
+            with ctx.timer.phase("zeroshot"):
+                state.zeroshot_dense = {"validation": dense_zeroshot(ctx, "validation"),
+                                        "test": dense_zeroshot(ctx, "test") if config.report_test else None}
         if config.pruning_strategy != "uniform":
             with ctx.timer.phase("importance"):
                 state.layer_importance = layer_importance(ctx)
@@ -118,8 +122,12 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
         else:
             with ctx.timer.phase("eval_test"):
                 test_ppl_final = ctx.evaluate_test(desc="test perplexity (final)")
+    zeroshot_test = None
+    if config.report_test and ctx.tasks is not None:
+        with ctx.timer.phase("zeroshot"):
+            zeroshot_test = ctx.zeroshot("test", desc="zero-shot (test, final)")
     state.wall_s_total = round(spent_before + time.perf_counter() - started, 3)
-    summary = build_summary(ctx, state, test_ppl_final)
+    summary = build_summary(ctx, state, test_ppl_final, zeroshot_test)
     if output:
         with ctx.timer.phase("save"):
             write_outputs(output, summary, ctx.loaded, masks, save_model=config.save)

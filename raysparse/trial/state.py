@@ -17,7 +17,7 @@ STATE_FILE = "state.json"
 
 
 # Settings that may change between an interrupted run and its resumption.
-RESUME_IGNORED = ("output", "save", "resume", "device", "eval_batch_size", "stats_cache", "ray_train_storage")
+RESUME_IGNORED = ("output", "save", "resume", "device", "eval_batch_size", "eval_tasks_batch_size", "stats_cache", "ray_train_storage")
 
 
 @dataclass
@@ -42,3 +42,4 @@ class TrialState:
     wall_s_total: float = 0.0  # wall time of the starts up to the work this state holds
     attempts: list[dict[str, Any]] = field(default_factory=list)  # one entry per start: node, resumed_after
     test_ppl_dense: float | None = None  # the dense model on the test text (report_test), reported only
+    zeroshot_dense: dict[str, Any] | None = None  # lm-eval on the dense model, by role (--eval-tasks)

@@ -10,7 +10,7 @@ different model saved at the same path gets new entries; a moved model folder ke
 entries. Without a cache (a trial outside a search, no --stats-cache) each value is
 computed directly.
 
-Cached: dense perplexity (validation and test), layer importance, Taylor scores, and the
+Cached: dense perplexity and lm-eval accuracy (validation and test), layer importance, Taylor scores, and the
 result of the first pruning step of the dense model (masks; for SparseGPT, which also
 updates the weights it keeps, the pruned weights of the prunable linears too), which trials
 that differ only in recovery settings share.
@@ -84,6 +84,17 @@ def dense_ppl_key(ctx: TrialContext, role: str = "validation") -> dict[str, Any]
     return key
 
 
+def dense_zeroshot_key(ctx: TrialContext, role: str) -> dict[str, Any]:
+    """The tasks as content: their folders' YAMLs, versions and the settings of the run."""
+    from raysparse.metrics.zeroshot import tasks_digest
+
+    spec, protocol = ctx.tasks, ctx.tasks_protocol or {}
+    return {**_base_key(ctx, "dense_zeroshot"), "role": role, "tasks": list(spec.names),
+            "versions": {name: t.get("version") for name, t in protocol.get("tasks", {}).items()},
+            "task_files": _memo(ctx, "task_files", lambda: tasks_digest(spec)), "lm_eval": protocol.get("lm_eval"),
+            "limit": spec.limit, "fewshot": spec.fewshot, "batch_size": spec.batch_size}
+
+
 def layer_importance_key(ctx: TrialContext) -> dict[str, Any]:
     config = ctx.config
     return {**_base_key(ctx, "layer_importance"), "tokens": _tokens(ctx, "importance", ctx.importance_calib),
@@ -138,6 +149,14 @@ def dense_perplexity(ctx: TrialContext) -> float:
 def dense_test_perplexity(ctx: TrialContext) -> float:
     """The unpruned model's test perplexity (reported beside the pruned model's)."""
     return _cached(ctx, lambda: dense_ppl_key(ctx, "test"), lambda: ctx.evaluate_test(desc="dense test perplexity"))
+
+
+def dense_zeroshot(ctx: TrialContext, role: str = "validation") -> dict[str, Any] | None:
+    """The unpruned model's lm-eval accuracy (None without --eval-tasks): once per key across a search."""
+    if ctx.tasks is None:
+        return None
+    return _cached(ctx, lambda: dense_zeroshot_key(ctx, role),
+                   lambda: ctx.zeroshot(role, desc=f"dense zero-shot ({role})"))
 
 
 def layer_importance(ctx: TrialContext) -> dict[str, Any]:

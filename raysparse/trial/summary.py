@@ -20,9 +20,11 @@ from raysparse.trial.context import TrialContext
 from raysparse.trial.state import MODEL_DIR, SUMMARY_FILE, TrialState
 
 
-def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | None = None) -> dict[str, Any]:
+def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | None = None,
+                  zeroshot_test: dict[str, Any] | None = None) -> dict[str, Any]:
     """Top-level `ppl_*` are the test text's (the protocol numbers, None when not evaluated);
-    `val` holds the validation numbers every decision of the trial read."""
+    `val` holds the validation numbers every decision of the trial read. `zeroshot` the same
+    for lm-eval's tasks: `acc_*` from the test role, `val` from the validation role."""
     config, settings, loaded = ctx.config, ctx.settings, ctx.loaded
     report = measure_sparsity(loaded.adapter)
     last = state.history[-1] if state.history else {}
@@ -50,6 +52,7 @@ def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | 
         "val": {"ppl_dense": state.ppl_dense, "ppl_pruned": last.get("ppl_after_prune", state.ppl_dense),
                 "ppl_final": ppl_final, "ppl_best": min(at_target)},
         "sample_after_prune": last.get("sample_after_prune"),
+        "zeroshot": zeroshot_summary(state, last, zeroshot_test) if ctx.tasks is not None else None,
         "best_iteration": {k: best_iteration[k] for k in ("iteration", "sparsity", "ppl_after_train")}
         if best_iteration else None,
         "ppl_change_pct": 100.0 * (reference[0] - reference[1]) / reference[1],
@@ -89,6 +92,7 @@ def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | 
             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
             "device": str(ctx.device),
             "context_length": settings.context_length,
+            "zeroshot": ctx.tasks_protocol,
         },
         "stats_cache": ctx.cache.events if ctx.cache is not None else None,
         # Per kind of cached value: hits, computations and the seconds they cost or saved.
@@ -99,6 +103,16 @@ def build_summary(ctx: TrialContext, state: TrialState, test_ppl_final: float | 
         "config": config.to_dict(),
     }
     return summary
+
+
+def zeroshot_summary(state: TrialState, last: dict[str, Any], test: dict[str, Any] | None) -> dict[str, Any]:
+    """Dense and final lm-eval results by role; the top-level means are the test role's when it ran."""
+    dense = state.zeroshot_dense or {}
+    val = {"dense": dense.get("validation"), "final": last.get("zeroshot", dense.get("validation"))}
+    test_dense = dense.get("test")
+    return {"acc_dense": (test_dense or {}).get("mean_acc"), "acc_final": (test or {}).get("mean_acc"),
+            "val": {"acc_dense": (val["dense"] or {}).get("mean_acc"), "acc_final": (val["final"] or {}).get("mean_acc")},
+            "test_dense": test_dense, "test_final": test, "val_dense": val["dense"], "val_final": val["final"]}
 
 
 def _transformers_version() -> str:
