@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raysparse.cluster.preflight import existing_cluster_address
 from raysparse.errors import ConfigError, RaysparseError
 from raysparse.recover.distill import DistillSettings
 from raysparse.recover.distributed.job import EvalSpec, TeacherJob, _Job
@@ -150,8 +151,8 @@ def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
     started = False
     if ray.is_initialized():
         resources = ray.cluster_resources()
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False)  # an existing cluster: its size is what it is
+    elif existing_cluster_address() is not None:  # RAY_ADDRESS or a `ray start` on this machine
+        ray.init()  # joining: its size is what it is (num_cpus/num_gpus would be refused)
         started = True
         resources = ray.cluster_resources()
     else:
@@ -164,7 +165,8 @@ def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
             ray.shutdown()
         raise
     if not ray.is_initialized():
-        ray.init(num_cpus=int(resources["CPU"]), num_gpus=int(resources["GPU"]), include_dashboard=False)
+        ray.init(address="local", num_cpus=int(resources["CPU"]), num_gpus=int(resources["GPU"]),
+                 include_dashboard=False)
         started = True
     else:
         available = ray.available_resources()
