@@ -48,21 +48,6 @@ def resolve_address(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def existing_cluster_address() -> str | None:
-    """The cluster a plain `ray.init()` would join: RAY_ADDRESS or the last `ray start` here.
-
-    None when `ray.init()` would start a local instance of its own. Joining a cluster refuses
-    `num_cpus`/`num_gpus` ("When connecting to an existing cluster ... must not be provided"),
-    so a caller that sizes a local instance must know which of the two happens.
-    """
-    try:  # the private helper `ray.init()` itself resolves its address with
-        from ray._private.services import canonicalize_bootstrap_address
-
-        return canonicalize_bootstrap_address(None)
-    except (ConnectionError, RuntimeError, ValueError, ImportError):
-        return None
-
-
 def check_address_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Refuse fast when nothing listens at `address` (ray.init would hang for many minutes)."""
     resolved = resolve_address(address)

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from raysparse.cluster.preflight import existing_cluster_address
 from raysparse.errors import ConfigError, RaysparseError
 from raysparse.recover.distill import DistillSettings
 from raysparse.recover.distributed.job import EvalSpec, TeacherJob, _Job
@@ -139,6 +138,21 @@ def _validate(windows: torch.Tensor, eval_spec: EvalSpec | None, workers: int, c
         raise ConfigError("the evaluation stream must be a 1-D tensor of token ids")
 
 
+def _existing_cluster_address() -> str | None:
+    """The cluster a plain `ray.init()` would join: RAY_ADDRESS or the last `ray start` here.
+
+    None when `ray.init()` would start a local instance of its own. Joining a cluster refuses
+    `num_cpus`/`num_gpus` ("When connecting to an existing cluster ... must not be provided"),
+    so a caller that sizes a local instance must know which of the two happens.
+    """
+    try:  # the private helper `ray.init()` itself resolves its address with
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None)
+    except (ConnectionError, RuntimeError, ValueError, ImportError):
+        return None
+
+
 def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
     """Check the cluster can place the workers; start a local Ray if none is running.
 
@@ -151,7 +165,7 @@ def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
     started = False
     if ray.is_initialized():
         resources = ray.cluster_resources()
-    elif existing_cluster_address() is not None:  # RAY_ADDRESS or a `ray start` on this machine
+    elif _existing_cluster_address() is not None:  # RAY_ADDRESS or a `ray start` on this machine
         ray.init()  # joining: its size is what it is (num_cpus/num_gpus would be refused)
         started = True
         resources = ray.cluster_resources()
