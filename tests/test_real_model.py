@@ -39,8 +39,14 @@ RECOVERY = dict(train_samples=4, train_seqlen=64, batch_size=2, max_steps=2, epo
 
 
 def assert_finished(summary: dict, sparsity: float) -> None:
+    """Completed, the target sparsity reached, perplexity finite.
+
+    The measured sparsity counts every zero weight, and the dequantised Q4_1 weights already
+    hold a few hundred exact zeros (measured: 0.0005% of the prunable weights) that a 2:4
+    group may keep beside its two pruned ones: the measure is the target up to those.
+    """
     assert summary["status"] == "completed", summary.get("failure")
-    assert summary["sparsity_measured"] == pytest.approx(sparsity, abs=1e-12)
+    assert sparsity <= summary["sparsity_measured"] < sparsity + 2e-5
     for key in ("ppl_dense", "ppl_pruned", "ppl_final"):
         assert math.isfinite(summary[key]), (key, summary[key])
 
