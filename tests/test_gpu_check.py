@@ -1,6 +1,6 @@
 """The GPU check (tests/gpu/run.sh) passes its own dry run on CPU: the same checks at tiny
 sizes, every CUDA-only part listed as skipped, one JSON report. The dry run is slow (a local
-Ray instance for the FSDP check, five trials); the refusal without a GPU is fast."""
+Ray instance for the FSDP check, eight trials); the refusal without a GPU is fast."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ def gpu_check():
     return gpu_check
 
 
-@pytest.mark.slow  # starts a local Ray instance and runs five trials: minutes on a loaded 2-core machine
+@pytest.mark.slow  # starts a local Ray instance and runs eight trials: minutes on a loaded 2-core machine
 def test_dry_run_on_cpu_runs_every_check_and_names_what_it_skipped(gpu_check, saved_model_dir, text_files, tmp_path):
     out = tmp_path / "out"
     code = gpu_check.main(["--dry-run", "--model", str(saved_model_dir("llama")), "--out", str(out),
@@ -30,7 +30,7 @@ def test_dry_run_on_cpu_runs_every_check_and_names_what_it_skipped(gpu_check, sa
     statuses = {name: check["status"] for name, check in report["checks"].items()}
     assert code == 0, {name: check.get("error") for name, check in report["checks"].items()}
     assert statuses == {"gguf_load": "skipped", "bf16_trial": "ok", "layerwise_cost": "ok", "fsdp_recovery": "ok",
-                        "structured_latency": "ok", "semi_structured_24": "ok"}
+                        "structured_latency": "ok", "semi_structured_24": "ok", "offload": "ok"}
     assert report["dry_run"] and report["device"] == "cpu"
     skipped = " ".join(report["skipped"])
     assert "bf16" in skipped and "NCCL" in skipped and "to_sparse_semi_structured" in skipped

@@ -77,3 +77,27 @@ def test_storage_that_differs_between_nodes_is_detected(two_node_cluster, tmp_pa
     assert relative and "not shared across the cluster's nodes" in relative[0], proc.stdout
     assert relative[0].count("node ") == 2  # both nodes named
     assert not list(tmp_path.glob(".raysparse-shared-*"))  # the probe file is cleaned up
+
+
+JOIN = """
+import os, ray
+os.environ.pop("RAY_ADDRESS", None)
+from raysparse.recover.distributed.driver import _ensure_ray
+started = _ensure_ray(1, 1.0, False)
+print("joined", started, ray.cluster_resources().get("CPU"), ray.get_runtime_context().gcs_address)
+ray.shutdown()
+"""
+
+
+def test_distributed_recovery_joins_a_ray_start_cluster_without_sizing_it():
+    """A `ray start` head recorded on this machine is joined (ray.init refuses num_cpus there)."""
+    cluster = start_cluster(head_cpus=1, worker_cpus=[])
+    try:
+        env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = str(ROOT)
+        proc = subprocess.run([sys.executable, "-c", JOIN], env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        cluster.stop()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "joined True 1.0 " in proc.stdout  # the cluster's one CPU, not this machine's count
+    assert proc.stdout.strip().endswith(f":{cluster.port}")  # that cluster, not a local instance

@@ -34,6 +34,8 @@ CALIBRATION_PASSES = ("two", "one")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+OFFLOAD_MODES = ("none", "cpu", "disk")
+
 DEFAULT_MAX_WINDOW = 2048
 
 # --help sections (a setting without a group is listed under the general options)
@@ -95,6 +97,9 @@ class TrialConfig:
     seed: int = setting(0, "random seed (calibration windows, training order)")
     device: str = setting("auto", "auto | cpu | cuda[:N]")
     dtype: str = setting("auto", "dtype the model is loaded in", choices=DTYPES)
+    offload: str = setting("none", "models larger than the device (or host) memory: cpu keeps the weights in host "
+                           "memory, disk maps them from a scratch safetensors file (in TMPDIR); only the decoder "
+                           "layer being pruned or evaluated is on the device", choices=OFFLOAD_MODES)
     output: str | None = setting(None, "folder for summary.json (and the model with --save)")
     save: bool = setting(False, "save the pruned model (safetensors)")
     trust_remote_code: bool = setting(False, "let transformers run the model repository's own code")
@@ -238,6 +243,10 @@ class TrialConfig:
                               "does not calibrate layer by layer: leave it at two")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda or cuda:N")
+        if self.offload != "none" and (self.recovery != "none" or self.is_structured):
+            raise ConfigError(f"--offload {self.offload} covers one-shot and iterative pruning and evaluation; "
+                              "recovery (training) and structured pruning (Taylor scores) need the whole model "
+                              "on the device: use --offload none")
         if self.save and not self.output:
             raise ConfigError("save is set but no output directory is given: add --output DIR")
         if self.val_data is not None and self.eval_data is not None and _same_text(self.val_data, self.eval_data):

@@ -156,12 +156,17 @@ def _read_gguf(gguf: GgufFile, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def ensure_converted_gguf(gguf: GgufFile) -> Path:
+    """The safetensors folder the GGUF file converts to (converted once, then cached)."""
+    require_gguf_package()
+    return ensure_converted(gguf.path, lambda scratch: _read_gguf(gguf, scratch))
+
+
 def load_gguf_model(gguf: GgufFile, torch_dtype: torch.dtype) -> tuple[nn.Module, object]:
     """Model (every weight dequantised, then cast to `torch_dtype`) and tokenizer of one GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    require_gguf_package()
-    folder = ensure_converted(gguf.path, lambda scratch: _read_gguf(gguf, scratch))
+    folder = ensure_converted_gguf(gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model.config.name_or_path = gguf.path

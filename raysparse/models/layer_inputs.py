@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from raysparse.models.adapters import ModelAdapter
+from raysparse.models.offload import fetch_layer, release_layer
 
 
 class _StopForward(Exception):
@@ -45,8 +46,12 @@ class _InputCatcher(nn.Module):
 
 
 def _move_pre_layer_modules(adapter: ModelAdapter, device: torch.device) -> None:
+    """To the device for a layer walk; back (into their host or disk-mapped storage) after it."""
     for module in adapter.pre_layer_modules():
-        module.to(device)
+        if device.type == "cpu":
+            release_layer(module)
+        else:
+            fetch_layer(module, device)
 
 
 @torch.no_grad()

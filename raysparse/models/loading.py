@@ -16,7 +16,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from raysparse.config.inputs import check_model_folder, is_hub_id
 from raysparse.errors import ModelError
 from raysparse.models.adapters import ModelAdapter, adapter_class_for, count_params, get_adapter
-from raysparse.models.gguf_input import find_gguf, load_gguf_config, load_gguf_model, require_gguf_package
+from raysparse.models.gguf_input import (
+    ensure_converted_gguf,
+    find_gguf,
+    load_gguf_config,
+    load_gguf_model,
+    require_gguf_package,
+)
+from raysparse.models.offload import load_disk_offloaded
 from raysparse.models.tiny import TINY_PRESET_NAME, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -87,8 +94,13 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    offload: str = "none",
 ) -> LoadedModel:
-    """Load model + tokenizer from a hub id, a local folder, or the `tiny` preset."""
+    """Load model + tokenizer from a hub id, a local folder, or the `tiny` preset.
+
+    `offload="disk"` never loads the weights into memory: they are mapped from a scratch
+    file (raysparse.models.offload); "cpu" and "none" load them into host memory.
+    """
 
     path = resolve_model_path(name_or_path)
     load_config(path, trust_remote_code)
@@ -96,7 +108,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     gguf = find_gguf(path)
     try:
-        if gguf is not None:
+        if offload == "disk":
+            source = str(ensure_converted_gguf(gguf)) if gguf is not None else path
+            model = load_disk_offloaded(source, torch_dtype, trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            if gguf is not None:
+                model.config.name_or_path = gguf.path
+        elif gguf is not None:
             model, tokenizer = load_gguf_model(gguf, torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from raysparse.config.trial import CALIBRATION_PASSES
 from raysparse.models.adapters import ModelAdapter
 from raysparse.models.layer_inputs import _layer_output, _move_pre_layer_modules, capture_layer_inputs
+from raysparse.models.offload import fetch_layer, release_layer
 from raysparse.sparsity.masks import Masks
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def prune_layerwise(
         for index in tqdm(range(len(layers)), desc=desc, leave=False):
             layer = layers[index]
             if offload:
-                layer.to(device)
+                fetch_layer(layer, device)
             linears = {n: m for n, m in adapter.prunable_linears(layer).items()
                        if should_prune(f"{adapter.layers_path}.{index}.{n}")}
             if layer_patterns is not None:
@@ -109,7 +110,7 @@ def prune_layerwise(
             for chunk in chunks:  # the pruned layer's output feeds the next layer
                 chunk.hidden = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
             if offload:
-                layer.to("cpu")
+                release_layer(layer)  # back into its host (or disk-mapped) storage
     finally:
         model.train(was_training)
         if offload:

@@ -1,6 +1,7 @@
 """Everything the steps of a trial share: model, data streams, device, timer, statistics cache."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from raysparse.metrics.perplexity import perplexity, window_starts
 from raysparse.metrics.resources import PhaseTimer
 from raysparse.metrics.zeroshot import TaskSpec, describe_tasks, evaluate_tasks
 from raysparse.models.loading import LoadedModel, load_model, resolve_device, resolve_model_path
+from raysparse.models.offload import layers_on_device
 from raysparse.trial.cache import StatsCache
 from raysparse.trial.settings import ResolvedSettings, resolve_settings
 
@@ -58,12 +60,19 @@ class TrialContext:
         return self._perplexity(self.test_stream, model, desc)
 
     def _perplexity(self, stream: torch.Tensor, model: torch.nn.Module | None, desc: str) -> float:
-        return perplexity(
-            model if model is not None else self.loaded.model, stream, self.settings.eval_seqlen,
-            self.settings.eval_stride, batch_size=self.config.eval_batch_size,
-            max_windows=self.config.eval_max_windows, max_tokens=self.config.eval_max_tokens, device=self.device,
-            desc=desc,
-        ).ppl
+        with self.on_device():
+            return perplexity(
+                model if model is not None else self.loaded.model, stream, self.settings.eval_seqlen,
+                self.settings.eval_stride, batch_size=self.config.eval_batch_size,
+                max_windows=self.config.eval_max_windows, max_tokens=self.config.eval_max_tokens,
+                device=self.device, desc=desc,
+            ).ppl
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """Forward passes of the model with --offload: one decoder layer at a time on the device."""
+        if self.config.offload == "none":
+            return contextlib.nullcontext()
+        return layers_on_device(self.loaded.adapter, self.device)
 
 
 def _prepare(config: TrialConfig) -> TrialContext:
@@ -81,8 +90,9 @@ def _prepare(config: TrialConfig) -> TrialContext:
     torch.manual_seed(config.seed)
     timer = PhaseTimer()
     with timer.phase("load"):
-        loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
-        loaded.model.to(device)
+        loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code, config.offload)
+        if config.offload == "none":  # offloaded: weights stay on the host / on disk, layers visit the device
+            loaded.model.to(device)
         if config.distill != "none" and config.teacher:
             check_teacher(config.teacher, loaded, config.trust_remote_code)
     with timer.phase("data"):

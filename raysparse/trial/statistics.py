@@ -167,9 +167,13 @@ def layer_importance(ctx: TrialContext) -> dict[str, Any]:
         layers = len(ctx.loaded.adapter.decoder_layers())
         return LayerImportance.load(config.importance_config, expected_model=config.model,
                                     expected_layers=layers).to_dict()
-    value = _cached(ctx, lambda: layer_importance_key(ctx), lambda: compute_importance(
-        ctx.loaded.adapter, ctx.importance_calib, config.importance_method, config.model, config.seed,
-        _calibration_data(ctx), batch_size=config.calib_batch_size, owl_m=config.owl_m).to_dict())
+    def compute() -> dict[str, Any]:
+        with ctx.on_device():
+            return compute_importance(ctx.loaded.adapter, ctx.importance_calib, config.importance_method,
+                                      config.model, config.seed, _calibration_data(ctx),
+                                      batch_size=config.calib_batch_size, owl_m=config.owl_m).to_dict()
+
+    value = _cached(ctx, lambda: layer_importance_key(ctx), compute)
     # The same content may have been computed under other names: record this trial's.
     return {**value, "model": config.model, "data": _calibration_data(ctx)}
 

@@ -22,7 +22,10 @@ Checks (each timed; a failing check is recorded and the others still run):
   prefill latency before and after;
 - `semi_structured_24`: for 2:4 masks (the project's own N:M selection) on the model's MLP
   shapes and a 7B-sized one, `F.linear` with `torch.sparse.to_sparse_semi_structured`
-  weights vs dense (CUDA sm80+ only; the dry run times the dense side and says so).
+  weights vs dense (CUDA sm80+ only; the dry run times the dense side and says so);
+- `offload`: SparseGPT 50% through `run_trial` with `--offload none|cpu|disk` (one decoder
+  layer at a time on the device): the same perplexity and sparsity, and each one's peak
+  device memory.
 
 The dry run uses the given `--model` (default: the `tiny` preset) and tiny sizes; every
 part that needs CUDA is listed under `skipped` in the JSON, never silently left out.
@@ -282,6 +285,26 @@ def check_semi_structured_24(run: Run) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def check_offload(run: Run) -> dict[str, Any]:
+    """--offload cpu|disk: one decoder layer at a time on the device, the same result as the
+    model held whole on it, and the device's peak memory of each."""
+    rows: dict[str, Any] = {}
+    for offload in ("none", "cpu", "disk"):
+        if run.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(run.device)
+        summary = run_trial(run.trial_values(method="sparsegpt", sparsity="0.5", offload=offload)).summary
+        rows[offload] = {"ppl_dense": summary["ppl_dense"], "ppl_pruned": summary["ppl_pruned"],
+                         "sparsity_measured": summary["sparsity_measured"], "timings_s": summary["timings_s"],
+                         "device_peak_mb": round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
+                         if run.cuda else None}
+    for offload in ("cpu", "disk"):
+        if (rows[offload]["ppl_pruned"], rows[offload]["sparsity_measured"]) != (
+                rows["none"]["ppl_pruned"], rows["none"]["sparsity_measured"]):
+            raise AssertionError(f"--offload {offload} differs from none: {rows[offload]} vs {rows['none']}")
+    return rows
+
+
 CHECKS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "gguf_load": check_gguf_load,
     "bf16_trial": check_bf16_trial,
@@ -289,6 +312,7 @@ CHECKS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "fsdp_recovery": check_fsdp_recovery,
     "structured_latency": check_structured_latency,
     "semi_structured_24": check_semi_structured_24,
+    "offload": check_offload,
 }
 
 

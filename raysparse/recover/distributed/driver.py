@@ -148,6 +148,21 @@ def _validate(windows: torch.Tensor, eval_spec: EvalSpec | None, workers: int, c
         raise ConfigError("the evaluation stream must be a 1-D tensor of token ids")
 
 
+def _existing_cluster_address() -> str | None:
+    """The cluster a plain `ray.init()` would join: RAY_ADDRESS or the last `ray start` here.
+
+    None when `ray.init()` would start a local instance of its own. Joining a cluster refuses
+    `num_cpus`/`num_gpus` ("When connecting to an existing cluster ... must not be provided"),
+    so a caller that sizes a local instance must know which of the two happens.
+    """
+    try:  # the private helper `ray.init()` itself resolves its address with
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None)
+    except (ConnectionError, RuntimeError, ValueError, ImportError):
+        return None
+
+
 def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
     """Check the cluster can place the workers; start a local Ray if none is running.
 
@@ -160,8 +175,8 @@ def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
     started = False
     if ray.is_initialized():
         resources = ray.cluster_resources()
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False)  # an existing cluster: its size is what it is
+    elif _existing_cluster_address() is not None:  # RAY_ADDRESS or a `ray start` on this machine
+        ray.init()  # joining: its size is what it is (num_cpus/num_gpus would be refused)
         started = True
         resources = ray.cluster_resources()
     else:
@@ -174,7 +189,8 @@ def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
             ray.shutdown()
         raise
     if not ray.is_initialized():
-        ray.init(num_cpus=int(resources["CPU"]), num_gpus=int(resources["GPU"]), include_dashboard=False)
+        ray.init(address="local", num_cpus=int(resources["CPU"]), num_gpus=int(resources["GPU"]),
+                 include_dashboard=False)
         started = True
     else:
         available = ray.available_resources()
