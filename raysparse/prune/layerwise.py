@@ -88,7 +88,7 @@ def prune_layerwise(
             if passes == "one":
                 masks.update(_prune_layer_in_one_pass(adapter, method, layer, index, linears, chunks, batch_size))
                 if offload:
-                    layer.to("cpu")
+                    release_layer(layer)  # back into its host (or disk-mapped) storage
                 continue
             collectors = {name: method.make_collector(module) for name, module in linears.items()}
             hooks = [
