@@ -78,7 +78,8 @@ def _distill_record(ctx: TrialContext, cost: TeacherCost | None) -> dict[str, An
                         "weight": config.distill_weight, "temperature": config.distill_temperature,
                         "layers": config.distill_layers or "all", "teacher_forwards": cost.forwards,
                         "teacher_reused": cost.reused, "teacher_s": round(cost.seconds, 3),
-                        "teacher_outputs": _teacher_cache(ctx).describe(cost)}}
+                        "teacher_outputs": ctx.teacher_cache.describe(cost) if ctx.teacher_cache is not None
+                        else "recomputed every step"}}
 
 
 def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: float) -> dict[str, Any]:
