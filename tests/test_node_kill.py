@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from loopback import read_json, start_cluster, trial_checkpointed_on
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """

@@ -44,3 +44,32 @@ def test_auto_reads_ray_address_through_rays_own_helper(monkeypatch):
     assert port == 1 and host
     with pytest.raises(ConfigError, match="cannot reach"):
         check_address_reachable("auto", timeout_s=2)
+
+
+def test_a_stale_ray_start_record_is_ignored_but_a_live_one_and_ray_address_are_kept(monkeypatch, caplog):
+    """A killed `ray start` leaves /tmp/ray/ray_current_cluster behind; a plain ray.init() would
+    then fail after a minute of GCS retries instead of starting a local instance."""
+    import socket
+
+    from ray._private import services
+
+    from raysparse.recover.distributed.ray_env import joinable_cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: dead)
+    with caplog.at_level("WARNING"):
+        assert joinable_cluster_address(probe_timeout_s=0.5) is None
+    assert "no longer answers" in caplog.text and dead.split(":")[1] in caplog.text  # Ray names the node IP
+
+    with socket.socket() as listening:
+        listening.bind(("0.0.0.0", 0))  # Ray rewrites 127.0.0.1 to the node IP
+        listening.listen()
+        live = f"127.0.0.1:{listening.getsockname()[1]}"
+        monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: live)
+        assert joinable_cluster_address().endswith(live.split(":")[1])
+
+    monkeypatch.setenv("RAY_ADDRESS", dead)  # the user's explicit choice: kept, fails loudly later
+    assert joinable_cluster_address().endswith(dead.split(":")[1])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from loopback import start_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """

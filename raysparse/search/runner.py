@@ -27,6 +27,7 @@ from raysparse.config import TrialConfig
 from raysparse.data.text import NAMED_DATASETS
 from raysparse.errors import ConfigError, Interrupted, RaysparseError
 from raysparse.paths import write_json_atomic
+from raysparse.recover.distributed.ray_env import joinable_cluster_address
 from raysparse.search.console import legacy_table, stop_gracefully_on_ctrl_c, trial_table, tune_statuses
 from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
@@ -67,8 +68,8 @@ def _connect(settings: SearchSettings) -> None:
     try:
         if settings.address:
             ray.init(address=settings.address, log_to_driver=False)
-        else:
-            ray.init(log_to_driver=False)
+        else:  # a live `ray start` here is joined; a stale record of a killed one is not
+            ray.init(address=joinable_cluster_address() or "local", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
         hint = token_refused_hint(settings.address, sent_token)  # the port answered (checked above)
         if hint is not None:

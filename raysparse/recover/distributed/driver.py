@@ -54,7 +54,13 @@ from torch import nn
 from raysparse.errors import ConfigError, RaysparseError
 from raysparse.recover.distill import DistillSettings
 from raysparse.recover.distributed.job import EvalSpec, TeacherJob, _Job
-from raysparse.recover.distributed.ray_env import EnvSet, dashboard_reachable, train_env, trainer_class
+from raysparse.recover.distributed.ray_env import (
+    EnvSet,
+    dashboard_reachable,
+    joinable_cluster_address,
+    train_env,
+    trainer_class,
+)
 from raysparse.recover.distributed.weights import _dedupe, _fingerprint, _is_tied, _read_meta, _read_weights
 from raysparse.recover.distributed.worker import _floating_dtype, _train_worker
 from raysparse.recover.loop import EpochRecord, TrainingDiverged, TrainResult, TrainSettings
@@ -148,21 +154,6 @@ def _validate(windows: torch.Tensor, eval_spec: EvalSpec | None, workers: int, c
         raise ConfigError("the evaluation stream must be a 1-D tensor of token ids")
 
 
-def _existing_cluster_address() -> str | None:
-    """The cluster a plain `ray.init()` would join: RAY_ADDRESS or the last `ray start` here.
-
-    None when `ray.init()` would start a local instance of its own. Joining a cluster refuses
-    `num_cpus`/`num_gpus` ("When connecting to an existing cluster ... must not be provided"),
-    so a caller that sizes a local instance must know which of the two happens.
-    """
-    try:  # the private helper `ray.init()` itself resolves its address with
-        from ray._private.services import canonicalize_bootstrap_address
-
-        return canonicalize_bootstrap_address(None)
-    except (ConnectionError, RuntimeError, ValueError, ImportError):
-        return None
-
-
 def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
     """Check the cluster can place the workers; start a local Ray if none is running.
 
@@ -175,8 +166,12 @@ def _ensure_ray(workers: int, cpus_per_worker: float, use_gpu: bool) -> bool:
     started = False
     if ray.is_initialized():
         resources = ray.cluster_resources()
-    elif _existing_cluster_address() is not None:  # RAY_ADDRESS or a `ray start` on this machine
-        ray.init()  # joining: its size is what it is (num_cpus/num_gpus would be refused)
+    elif (address := joinable_cluster_address()) is not None:  # RAY_ADDRESS or a `ray start` here
+        try:  # joining: its size is what it is (num_cpus/num_gpus would be refused)
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]} "
+                              "(unset RAY_ADDRESS to run locally, or start the cluster)") from None
         started = True
         resources = ray.cluster_resources()
     else:

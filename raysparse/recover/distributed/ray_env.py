@@ -82,3 +82,36 @@ def trainer_class(dashboard: bool) -> type:
                     if not isinstance(cb, PlacementGroupCleanerCallback)]
 
     return TrainerWithoutStateApi
+
+
+def joinable_cluster_address(probe_timeout_s: float = 2.0) -> str | None:
+    """The cluster a plain `ray.init()` would join: RAY_ADDRESS, or the last `ray start` here.
+
+    None when `ray.init()` should start a local instance of its own. A `ray start` that was
+    killed (not `ray stop`ped) leaves its record behind, and a plain `ray.init()` then fails
+    after a minute of GCS retries ("Failed to connect to GCS"); a record whose port does not
+    answer is ignored with a warning. RAY_ADDRESS is the user's explicit choice and is kept,
+    so a dead one still fails loudly at `ray.init`.
+    """
+    import logging
+    import socket
+
+    try:  # the private helper `ray.init()` itself resolves its address with
+        from ray._private.services import canonicalize_bootstrap_address
+
+        address = canonicalize_bootstrap_address(None)
+    except (ConnectionError, RuntimeError, ValueError, ImportError):
+        return None
+    if not address or os.environ.get("RAY_ADDRESS"):
+        return address
+    host, sep, port = address.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
+    if not sep or not port.isdigit():
+        return address
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=probe_timeout_s):
+            return address
+    except OSError:
+        logging.getLogger(__name__).warning(
+            "ignoring the record of a `ray start` cluster at %s that no longer answers (left by a "
+            "killed `ray start`; `ray stop` removes it); starting a local Ray instead", address)
+        return None
