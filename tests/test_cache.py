@@ -54,11 +54,23 @@ def test_values_persist_for_a_later_search_without_the_actor(tmp_path):
 
 
 def test_a_failed_computation_lets_the_next_asker_compute(local_ray, tmp_path):
-    start_coordinator(tmp_path / "s")
+    # Held: a named actor with no handle left is garbage-collected (as the search driver holds it).
+    coordinator = start_coordinator(tmp_path / "s")  # noqa: F841
     cache = StatsCache(tmp_path / "s")
     with pytest.raises(RuntimeError):
         cache.get_or_compute({"kind": "boom"}, lambda: (_ for _ in ()).throw(RuntimeError("oom")))
     assert cache.get_or_compute({"kind": "boom"}, lambda: 7) == 7
+
+
+def test_a_lost_coordinator_leaves_the_trial_on_the_entries_on_storage(local_ray, tmp_path):
+    """The coordinator dies under a running trial: this and every later value go to storage."""
+    coordinator = start_coordinator(tmp_path / "s")
+    cache = StatsCache(tmp_path / "s")
+    assert cache.actor is not None
+    ray.kill(coordinator)
+    assert cache.get_or_compute({"kind": "k"}, lambda: 5) == 5
+    assert cache.get_or_compute({"kind": "k"}, lambda: pytest.fail("recomputed")) == 5
+    assert [e["outcome"] for e in cache.events] == ["computed", "hit"]
 
 
 def test_a_killed_computing_trial_is_replaced_and_nobody_hangs(local_ray, tmp_path):

@@ -30,6 +30,7 @@ params:
 """
 
 
+@pytest.mark.heavy
 def test_ctrl_c_exits_130_with_the_resume_command(tiny_preset, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)

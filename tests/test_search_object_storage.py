@@ -48,6 +48,7 @@ def test_unwritable_storage_is_refused_before_any_trial(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # object storage inside searches stays in the default run: test_cache_search
 def test_a_search_on_a_storage_uri_uploads_trials_and_results_and_resumes_from_it(tiny_preset, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from raysparse.data.hub import hub_offline_reason
 from raysparse.data.text import NAMED_DATASETS, sniff_text_file
 from raysparse.errors import ConfigError, DataError, ModelError
 
@@ -22,7 +21,6 @@ logger = logging.getLogger(__name__)
 
 HUB_DATASETS = ("wikitext2", "c4", "ptb")  # named datasets that come from the hub (pydoc ships with Python)
 
-HUB_PROBE_TIMEOUT_S = 3.0
 
 DATA_FLAGS = {"calib_data": "--calib-data", "eval_data": "--eval-data", "val_data": "--val-data",
               "train_data": "--train-data"}
@@ -130,30 +128,15 @@ def check_hub(config: Any) -> None:
     warning): cached files still load; a model or dataset that is not cached is refused here,
     before any model loads.
 
-    The offline switches are read when huggingface_hub / datasets are imported, so this
-    helps a process that has not imported them yet (launch/prune.py checks before it does).
+    huggingface_hub and datasets read the offline switches at import; `hub_offline_reason`
+    also sets them in modules already imported (lm-eval imports datasets).
     """
     datasets = hub_datasets_read(config)
     if not is_hub_id(config.model) and not datasets:
         return
-    offline = next((name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-                    if os.environ.get(name, "").lower() in ("1", "true", "yes", "on")), None)
-    if offline:
-        why = f"{offline} is set"
-    else:
-        endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-        host = endpoint.hostname or "huggingface.co"
-        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-        try:
-            with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
-                return
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-        logger.info("the Hugging Face hub (%s:%d) cannot be reached (%s): using cached files only", host, port,
-                    reason)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        why = f"cannot reach the Hugging Face hub ({host}:{port}: {reason})"
+    why = hub_offline_reason()
+    if why is None:
+        return
     if is_hub_id(config.model):
         from huggingface_hub import try_to_load_from_cache
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from raysparse.data.hub import apply_offline_switches
 from raysparse.data.pydoc import pydoc_corpus_text
 from raysparse.data.text import NAMED_DATASETS, Role, TextSource, read_local, resolve_source
 from raysparse.errors import DataError
@@ -45,6 +46,7 @@ def load_text(source: TextSource) -> str:
 
 def _load_hub_text(source: TextSource) -> str:
     """Hub datasets with the papers' splits; a clear message when the hub is unreachable."""
+    apply_offline_switches()
     try:
         from datasets import load_dataset
 

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+from raysparse.data.hub import hub_offline_reason
 from raysparse.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def load_tasks(spec: TaskSpec, role: str) -> dict[str, Any]:
     """The tasks as lm-eval Task objects, reading `role`'s split; one-line errors for what is missing."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
+    hub_offline_reason()  # an unreachable hub: cached datasets at once, an uncached one refused fast
     manager = task_manager(spec)
     tasks: dict[str, Any] = {}
     for name in spec.names:

