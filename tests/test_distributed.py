@@ -132,6 +132,7 @@ def test_more_workers_than_cpus_is_a_config_error_before_launch(ray_cluster, tmp
     assert not (tmp_path / "too-big").exists()
 
 
+@pytest.mark.heavy  # a Train run that fails and restarts: in-process NaN handling is in test_recovery.py
 def test_nan_loss_in_the_workers_raises_training_diverged(ray_cluster, tmp_path):
     model, masks, windows = pruned_llama()
     with torch.no_grad():

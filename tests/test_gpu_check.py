@@ -21,6 +21,7 @@ def gpu_check():
 
 
 @pytest.mark.slow  # starts a local Ray instance and runs eight trials: minutes on a loaded 2-core machine
+@pytest.mark.heavy
 def test_dry_run_on_cpu_runs_every_check_and_names_what_it_skipped(gpu_check, saved_model_dir, text_files, tmp_path):
     out = tmp_path / "out"
     code = gpu_check.main(["--dry-run", "--model", str(saved_model_dir("llama")), "--out", str(out),

@@ -12,7 +12,7 @@ import ray
 from raysparse.search.runner import run_search
 from raysparse.search.settings import SearchSettings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 SPACE = """
 description: one-shot magnitude 50% + masked recovery on 2 Ray Train workers

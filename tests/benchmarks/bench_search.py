@@ -293,6 +293,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--resume", type=Path, help="storage folder of a run cut short: keep what it finished")
     parser.add_argument("--no-new-runs", action="store_true", help="with --resume: only summarise what is there")
+    parser.add_argument("--variants", default=",".join(f"{s}-{'asha' if a else 'full'}" for s, a in VARIANTS),
+                        help="which searches to run (the summary covers every one run so far)")
     args = parser.parse_args()
     load_start = os.getloadavg()
     storage = args.resume or Path(tempfile.mkdtemp(prefix="raysparse-bench-search-"))
@@ -304,8 +306,10 @@ def main() -> None:
     # Variant by variant in the order of VARIANTS (TPE, random, random without ASHA, Sobol): a run
     # cut short (on a loaded 2-core machine a search takes 5-15 min) still holds the comparisons
     # the targets are about for every seed, and --resume finishes the rest.
+    wanted = set(args.variants.split(","))
     plan = [(searcher, seed, asha) for searcher, asha in VARIANTS for seed in range(args.seeds)
-            if f"{searcher}-seed{seed}-{'asha' if asha else 'full'}" not in done]
+            if f"{searcher}-{'asha' if asha else 'full'}" in wanted
+            and f"{searcher}-seed{seed}-{'asha' if asha else 'full'}" not in done]
     if not args.no_new_runs and (plan or hand is None):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         if hand is None:
