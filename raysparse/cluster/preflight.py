@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from raysparse.errors import ConfigError
+from raysparse.recover.distributed.ray_env import host_port
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,7 @@ def resolve_address(address: str) -> tuple[str, int] | None:
             target = canonicalize_bootstrap_address("auto") or ""
         except (ConnectionError, RuntimeError, ValueError, ImportError):
             return None
-    if "://" in target:
-        target = target.split("://", 1)[1]
-    target = target.split("/", 1)[0]
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    return host.strip("[]"), int(port)
+    return host_port(target)
 
 
 def check_address_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

@@ -31,13 +31,11 @@ def apply_offline_switches() -> None:
     """
     if offline_requested() is None:
         return
-    for module in ("huggingface_hub.constants", "datasets.config"):
+    for module, switch in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                           ("datasets.config", "HF_DATASETS_OFFLINE")):
         loaded = sys.modules.get(module)
-        if loaded is not None and hasattr(loaded, "HF_HUB_OFFLINE"):
-            loaded.HF_HUB_OFFLINE = True
-    loaded = sys.modules.get("datasets.config")
-    if loaded is not None and hasattr(loaded, "HF_DATASETS_OFFLINE"):
-        loaded.HF_DATASETS_OFFLINE = True
+        if loaded is not None and hasattr(loaded, switch):
+            setattr(loaded, switch, True)
 
 
 def hub_offline_reason(probe_timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:

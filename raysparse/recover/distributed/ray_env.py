@@ -3,7 +3,11 @@ and the State API users (Train state tracking, the PlacementGroupCleaner) only w
 dashboard serves that API. See the driver's docstring for why."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
+
+logger = logging.getLogger(__name__)
 
 STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 # Ray Train's timeouts, sized for slow start-up (a value the user set is kept). Read where the
@@ -93,9 +97,6 @@ def joinable_cluster_address(probe_timeout_s: float = 2.0) -> str | None:
     answer is ignored with a warning. RAY_ADDRESS is the user's explicit choice and is kept,
     so a dead one still fails loudly at `ray.init`.
     """
-    import logging
-    import socket
-
     try:  # the private helper `ray.init()` itself resolves its address with
         from ray._private.services import canonicalize_bootstrap_address
 
@@ -104,14 +105,23 @@ def joinable_cluster_address(probe_timeout_s: float = 2.0) -> str | None:
         return None
     if not address or os.environ.get("RAY_ADDRESS"):
         return address
-    host, sep, port = address.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
-    if not sep or not port.isdigit():
+    resolved = host_port(address)
+    if resolved is None:
         return address
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=probe_timeout_s):
+        with socket.create_connection(resolved, timeout=probe_timeout_s):
             return address
     except OSError:
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "ignoring the record of a `ray start` cluster at %s that no longer answers (left by a "
             "killed `ray start`; `ray stop` removes it); starting a local Ray instead", address)
         return None
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """host and port of a Ray address such as `ray://10.0.0.1:10001` or `[::1]:6379` (None: no port)."""
+    target = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
