@@ -15,7 +15,7 @@ from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.models.adapters import get_adapter
 from raysparse.profile.database import ProfileAssembler, build_database
-from raysparse.profile.levels import mutate, parse_levels, project, target_index, total_sparsity
+from raysparse.profile.levels import mutate, parse_levels, project, snap, target_index, total_sparsity
 from raysparse.profile.search import evolve, optuna_search
 from raysparse.prune import prune
 from raysparse.sparsity.importance import outlier_ratio, owl_importance
@@ -76,9 +76,25 @@ def test_evolution_uses_cheap_fidelity_more_and_improves_a_known_optimum():
     assert result.curve == sorted(result.curve, reverse=True)  # the parent only ever improves
     assert sum(result.best) == 30
     assert result.evaluations[2] > 2 * result.evaluations[8]
-    tpe = optuna_search(5, sizes, 11, evaluate, 8, trials=24, batch=8, sampler="tpe")
+    tpe = optuna_search([5] * 6, 5, sizes, 11, evaluate, 8, trials=24, batch=8, sampler="tpe")
     assert sum(tpe.best) == 30 and tpe.fitness <= tpe.curve[0]
     assert evaluate([[5] * 6], 8)[0] >= tpe.fitness  # the uniform start is its first proposal
+    near = [4, 7, 5, 5, 2, 7]  # a non-uniform start (a heuristic's profile): scored first, never lost
+    from_near = optuna_search(near, 5, sizes, 11, evaluate, 8, trials=8, batch=4, sampler="tpe")
+    assert sum(from_near.best) == 30 and from_near.fitness <= evaluate([near], 8)[0]
+    evolved = evolve(near, sizes, 11, evaluate, [2, 8], survivors=3, generations=5, offspring=4, seed=1)
+    assert evolved.curve[0] == evaluate([near], 8)[0] and evolved.fitness <= evolved.curve[0]
+
+
+def test_snapping_a_free_profile_onto_the_grid_keeps_the_exact_total():
+    levels = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # target 0.6 = index 3
+    assert snap([0.6, 0.6, 0.6], levels, [1, 1, 1], 3) == [3, 3, 3]
+    assert snap([0.4, 0.8, 0.6], levels, [1, 1, 1], 3) == [1, 5, 3]  # on the grid: unchanged
+    clamped = snap([0.1, 0.95, 0.75], levels, [1, 1, 1], 3)  # outside the grid, and over budget once clamped
+    assert all(0 <= i < 7 for i in clamped) and sum(clamped) == 9 and clamped[0] == 0
+    assert clamped[1] >= clamped[2]  # the order of the free ratios survives
+    mixed = snap([0.52, 0.71, 0.66, 0.55], levels, [2, 1, 2, 1], 3)  # two size groups, each on its own budget
+    assert mixed[0] + mixed[2] == 6 and mixed[1] + mixed[3] == 6
 
 
 # --- OWL ------------------------------------------------------------------------------------------
@@ -169,8 +185,21 @@ def test_search_writes_a_profile_that_prune_accepts_and_refuses_for_another_mode
     assert record["profile"] == rescored[0]["profile"]
     again = profile_main(_flags(model_dir, text_files, tmp_path / "again", "--profile-levels", "0.4:0.8:0.1",
                                 "--generations", "1", "--offspring", "2", "--fidelity", "1,2", "--no-compare",
-                                "--storage", str(out / "layer_db")))
-    assert again == 0 and json.loads((tmp_path / "again" / "profile_search.json").read_text())["database"] == {"hit": 2}
+                                "--storage", str(out / "layer_db"), "--start", "best", "--start-alphas", "0.5,3",
+                                "--importance-samples", "2"))
+    assert again == 0
+    second = json.loads((tmp_path / "again" / "profile_search.json").read_text())
+    assert second["database"] == {"hit": 2}
+    kls = second["start"]["kl"]  # every heuristic scored once on validation; the lowest is the start
+    assert set(kls) == {"uniform", "importance a=0.5", "importance a=3", "owl a=0.5", "owl a=3"}
+    assert second["start"]["name"] == min(kls, key=kls.get) and second["kl"] <= min(kls.values()) + 1e-9
+    assert second["kl_uniform"] == kls["uniform"]
+    from_file = profile_main(_flags(model_dir, text_files, tmp_path / "from-file", "--profile-levels", "0.4:0.8:0.1",
+                                    "--generations", "1", "--offspring", "2", "--fidelity", "1,2", "--no-compare",
+                                    "--storage", str(out / "layer_db"), "--start", str(out / "best_profile.json")))
+    assert from_file == 0  # a saved profile restarts the search where the first one ended
+    third = json.loads((tmp_path / "from-file" / "profile_search.json").read_text())
+    assert third["start"]["profile"] == record["profile"] and third["kl"] <= record["kl"] + 1e-6
 
     base = dict(model=str(model_dir), method="wanda", sparsity="0.6", nsamples=4, seqlen=32, eval_seqlen=32,
                 eval_max_windows=2, calib_data=str(text_files["calib"]), val_data=str(text_files["val"]),
@@ -207,6 +236,8 @@ def test_owl_allocation_inside_a_trial(saved_model_dir, text_files):
     (["--method", "magnitude"], "wanda or sparsegpt"),
     (["--fidelity", "8,2"], "increasing"),
     (["--owl-m", "0"], "owl_m"),
+    (["--start", "nowhere.json"], "file not found"),
+    (["--start-alphas", "1,x"], "--start-alphas"),
     *([(["--search", "cmaes"], "pip install cmaes")] if importlib.util.find_spec("cmaes") is None else []),
 ])
 def test_bad_profile_requests_are_one_line_errors_before_any_work(extra, fragment, text_files, tmp_path, capsys):

@@ -42,6 +42,12 @@ def build_profile_parser() -> argparse.ArgumentParser:
     g.add_argument("--rescore", type=int, default=0,
                    help="prune the K best profiles sequentially (as launch/prune.py does) and keep the one with the "
                         "best validation perplexity (default 0: the best KL)")
+    g.add_argument("--start", default=d.start, metavar="{uniform,best,FILE}",
+                   help="where the search starts: uniform (every layer at the target); best (the lowest validation "
+                        "KL among uniform and the importance / OWL profiles at --start-alphas); or a "
+                        "best_profile.json / layer-ratios file, snapped onto the grid (default uniform)")
+    g.add_argument("--start-alphas", default=None,
+                   help="comma list of alphas for the importance / OWL start candidates (default --alpha)")
     g.add_argument("--no-compare", dest="compare", action="store_false",
                    help="skip the importance and OWL profiles drawn beside the searched one")
     add_settings(p, TrialConfig)
@@ -59,7 +65,8 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
         options = ProfileOptions(levels=args.levels, search=args.search, generations=args.generations,
                                  offspring=args.offspring, survivors=args.survivors, fidelity=args.fidelity,
                                  max_step=args.max_step, trials=args.trials, workers=args.eval_workers,
-                                 storage=args.storage, compare=args.compare, rescore=args.rescore)
+                                 storage=args.storage, compare=args.compare, rescore=args.rescore,
+                                 start=args.start, start_alphas=args.start_alphas)
         from raysparse.config.inputs import check_inputs
         from raysparse.profile.driver import check_profile_request, run_profile_search
 
@@ -72,7 +79,8 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
         return fail("interrupted", code=EXIT_INTERRUPTED)
     print(f"profile          {' '.join(f'{r:.2f}' for r in record['layer_ratios'])}")
     print(f"total sparsity   {record['total_sparsity']:.4f} (target {record['target']})")
-    print(f"KL to dense      {record['kl']:.5g} (uniform {record['kl_uniform']:.5g}, validation)")
+    print(f"KL to dense      {record['kl']:.5g} (uniform {record['kl_uniform']:.5g}, validation; "
+          f"started from {record['start']['name']})")
     print(f"database         {record['database_s']:.1f}s {record['database']}; search {record['search_s']:.1f}s")
     if config.output:
         print(f"best profile     {config.output}/best_profile.json (launch/prune.py --layer-ratios FILE)")

@@ -18,11 +18,12 @@ import torch
 from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
-from raysparse.profile.levels import parse_levels, target_index, total_sparsity
+from raysparse.profile.levels import parse_levels, snap, target_index, total_sparsity
 
 logger = logging.getLogger(__name__)
 
 SEARCHES = ("evolution", "tpe", "cmaes")
+STARTS = ("uniform", "best")
 
 
 @dataclass
@@ -41,6 +42,22 @@ class ProfileOptions:
     storage: str | None = None  # the database cache; default --stats-cache, else OUTPUT/layer_db
     compare: bool = True  # also compute importance / OWL profiles for the plot
     rescore: int = 0  # re-prune the best K profiles sequentially and keep the best validation perplexity
+    # Where the search starts: "uniform"; "best" (the lowest validation KL among uniform and the
+    # importance / OWL profiles at each of start_alphas); or a layer-ratios JSON file.
+    start: str = "uniform"
+    start_alphas: str | None = None  # comma list; default the config's --alpha
+
+    def alphas(self, default: float) -> list[float]:
+        if not self.start_alphas:
+            return [default]
+        try:
+            values = [float(a) for a in str(self.start_alphas).split(",") if a.strip()]
+        except ValueError:
+            raise ConfigError(f"--start-alphas {self.start_alphas!r}: give comma-separated numbers, e.g. "
+                              "0.25,0.5,1") from None
+        if not values or any(not a >= 0 for a in values):
+            raise ConfigError(f"--start-alphas {self.start_alphas!r}: give comma-separated numbers >= 0")
+        return values
 
     def fidelities(self) -> list[int]:
         try:
@@ -83,6 +100,11 @@ def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[
     if options.workers < 0:
         raise ConfigError(f"--eval-workers must be >= 0, got {options.workers}")
     options.fidelities()
+    options.alphas(config.alpha)
+    if options.start not in STARTS:
+        from raysparse.config.layer_ratios import read_layer_ratios
+
+        read_layer_ratios(options.start)  # a file: refused here when missing or malformed
     if not (config.output or options.storage or config.stats_cache):
         raise ConfigError("a profile search needs --output (best_profile.json, plot, and by default the database)")
     return parse_levels(options.levels, config.target_ratio)
@@ -96,8 +118,9 @@ def _validation_windows(stream: torch.Tensor, seqlen: int, count: int) -> torch.
     return stream[:count * seqlen].view(count, seqlen)
 
 
-def heuristic_profiles(ctx, config: TrialConfig, sizes: list[int]) -> dict[str, list[float]]:
-    """The importance (removal, inverse) and OWL (inverse) profiles at --alpha, for the plot."""
+def heuristic_profiles(ctx, config: TrialConfig, sizes: list[int], alphas: list[float]) -> dict[str, list[float]]:
+    """The importance (removal, inverse) and OWL (inverse) profiles at each alpha; the scores are
+    computed once per method. Labels are `importance` / `owl` with one alpha, else `owl a=0.5`."""
     import dataclasses
 
     from raysparse.data.sources import calibration_windows, resolve_source, token_stream
@@ -112,9 +135,37 @@ def heuristic_profiles(ctx, config: TrialConfig, sizes: list[int]) -> dict[str, 
         cfg = dataclasses.replace(config, importance_method=method)
         scores = compute_importance(ctx.loaded.adapter, windows, method, cfg.model, cfg.seed, source.describe(),
                                     cfg.calib_batch_size, cfg.owl_m).scores
-        out[label] = allocate_ratios(scores, config.target_ratio, "inverse", config.alpha, config.min_pruning_rate,
-                                     config.max_pruning_rate, layer_sizes=sizes)
+        for alpha in alphas:
+            name = label if len(alphas) == 1 else f"{label} a={alpha:g}"
+            out[name] = allocate_ratios(scores, config.target_ratio, "inverse", alpha, config.min_pruning_rate,
+                                        config.max_pruning_rate, layer_sizes=sizes)
     return out
+
+
+def choose_start(options: ProfileOptions, config: TrialConfig, heuristics: dict[str, list[float]],
+                 levels: list[float], sizes: list[int], evaluate, windows: int,
+                 fingerprint: str | None) -> tuple[str, list[int], dict[str, float]]:
+    """The profile the search starts from, snapped onto the grid at exactly the target. With
+    "best", every candidate is scored once at the highest fidelity on validation windows and the
+    lowest KL wins: the search then only has to improve on the best heuristic, not rediscover it."""
+    from raysparse.config.layer_ratios import check_layer_ratios, read_layer_ratios
+
+    target_idx = target_index(levels, config.target_ratio)
+    uniform = [target_idx] * len(sizes)
+    if options.start == "uniform":
+        return "uniform", uniform, {}
+    if options.start != "best":
+        ratios = check_layer_ratios(read_layer_ratios(options.start), options.start, len(sizes), fingerprint, sizes,
+                                    config.target_ratio)
+        return options.start, snap(ratios, levels, sizes, target_idx), {}
+    candidates = {"uniform": uniform, **{name: snap(r, levels, sizes, target_idx) for name, r in heuristics.items()}}
+    names = list(candidates)
+    scores = evaluate([candidates[n] for n in names], windows)
+    kls = dict(zip(names, scores))
+    best = min(names, key=kls.__getitem__)
+    logger.info("search starts from %s (validation KL %s)", best,
+                ", ".join(f"{n} {k:.4g}" for n, k in kls.items()))
+    return best, candidates[best], kls
 
 
 def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float], search: str) -> str:
@@ -206,16 +257,24 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         evaluate = ParallelEvaluator(local=ProfileEvaluator(model, database, windows, reference,
                                                              config.eval_batch_size, ctx.device))
     assembler = evaluate.local.assembler if evaluate.local is not None else ProfileAssembler(adapter, database)
-    start = target_index(levels, config.target_ratio)
+    target_idx = target_index(levels, config.target_ratio)
+    revision = getattr(model.config, "_commit_hash", None)
+    fingerprint = model_fingerprint(ctx.loaded.path, revision)
+    start_started = time.perf_counter()
+    heuristics = (heuristic_profiles(ctx, config, sizes, options.alphas(config.alpha))
+                  if options.compare or options.start == "best" else {})
+    start_name, start, start_kls = choose_start(options, config, heuristics, levels, sizes, evaluate, fidelities[-1],
+                                                fingerprint)
+    start_s = time.perf_counter() - start_started  # importance / OWL scores and one KL per candidate
     search_started = time.perf_counter()
     if options.search == "evolution":
-        result = evolve([start] * len(layers), sizes, len(levels), evaluate, fidelities, options.survivors,
+        result = evolve(start, sizes, len(levels), evaluate, fidelities, options.survivors,
                         options.generations, options.offspring, config.seed, options.max_step)
     else:
-        result = optuna_search(start, sizes, len(levels), evaluate, fidelities[-1], options.trials,
+        result = optuna_search(start, target_idx, sizes, len(levels), evaluate, fidelities[-1], options.trials,
                                max(1, options.offspring), options.search, config.seed)
     search_s = time.perf_counter() - search_started
-    uniform_kl = evaluate([[start] * len(layers)], fidelities[-1])[0]
+    uniform_kl = start_kls.get("uniform") or evaluate([[target_idx] * len(layers)], fidelities[-1])[0]
     if started_ray:
         import ray
 
@@ -224,19 +283,18 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     if rescored:
         result.best, result.fitness = rescored[0]["profile"], rescored[0]["kl"]
     ratios = [levels[i] for i in result.best]
-    revision = getattr(model.config, "_commit_hash", None)
-    fingerprint = model_fingerprint(ctx.loaded.path, revision)
     record: dict[str, Any] = {
         "model": config.model, "method": config.method, "target": config.target_ratio, "levels": levels,
         "options": asdict(options), "layer_ratios": ratios, "profile": result.best,
         "total_sparsity": total_sparsity(result.best, levels, sizes), "kl": result.fitness, "kl_uniform": uniform_kl,
         "curve": result.curve, "evaluations": {str(k): v for k, v in result.evaluations.items()},
-        "rescored": rescored, "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
+        "start": {"name": start_name, "profile": start, "kl": start_kls or None, "s": round(start_s, 3)}, "rescored": rescored,
+        "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
         "search_s": round(search_s, 3), "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
     }
     profiles = {"uniform": [config.target_ratio] * len(layers)}
     if options.compare:
-        profiles.update(heuristic_profiles(ctx, config, sizes))
+        profiles.update(heuristics)
     profiles["searched"] = ratios
     record["profiles"] = profiles
     if config.output:

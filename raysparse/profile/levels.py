@@ -123,3 +123,12 @@ def project(raw: Sequence[float], sizes: Sequence[int], num_levels: int, start: 
                 result[i] += 1
                 excess += 1
     return result
+
+
+def snap(ratios: Sequence[float], levels: Sequence[float], sizes: Sequence[int], target_idx: int) -> list[int]:
+    """A profile of free per-layer ratios (importance, OWL, a saved file) -> the nearest grid profile
+    at exactly the target: each ratio becomes a continuous grid position (clamped to the grid), then
+    `project` restores every size group's budget. This is how a search starts from a heuristic."""
+    step = levels[1] - levels[0]
+    raw = [(r - levels[0]) / step for r in ratios]
+    return project(raw, sizes, len(levels), target_idx)

@@ -69,25 +69,26 @@ def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate
     return result
 
 
-def optuna_search(start: int, sizes: Sequence[int], num_levels: int, evaluate: Evaluate, windows: int,
-                  trials: int, batch: int, sampler: str = "tpe", seed: int = 0) -> SearchResult:
-    """Optuna over one continuous grid position per layer, projected to the budget; `batch` proposals
-    are scored together (in parallel on actors)."""
+def optuna_search(start: Sequence[int], target_idx: int, sizes: Sequence[int], num_levels: int, evaluate: Evaluate,
+                  windows: int, trials: int, batch: int, sampler: str = "tpe", seed: int = 0) -> SearchResult:
+    """Optuna over one continuous grid position per layer, projected to the budget of the uniform
+    profile at `target_idx`; the `start` profile is the first proposal (and CMA-ES's mean), and
+    `batch` proposals are scored together (in parallel on actors)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    chosen = (optuna.samplers.CmaEsSampler(seed=seed, x0={f"l{i}": float(start) for i in range(len(sizes))})
-              if sampler == "cmaes" else optuna.samplers.TPESampler(seed=seed))
+    first = {f"l{i}": float(level) for i, level in enumerate(start)}
+    chosen = (optuna.samplers.CmaEsSampler(seed=seed, x0=first) if sampler == "cmaes"
+              else optuna.samplers.TPESampler(seed=seed))
     study = optuna.create_study(direction="minimize", sampler=chosen)
-    uniform = [start] * len(sizes)
-    study.enqueue_trial({f"l{i}": float(start) for i in range(len(sizes))})
-    best, best_fit = uniform, float("inf")
-    result = SearchResult(uniform, best_fit, [], {windows: 0})
+    study.enqueue_trial(first)
+    best, best_fit = list(start), float("inf")
+    result = SearchResult(best, best_fit, [], {windows: 0})
     bar = tqdm(range(0, trials, batch), desc=f"profile search ({sampler})", leave=False)
     for _ in bar:
         asked = [study.ask() for _ in range(batch)]
         profiles = [project([t.suggest_float(f"l{i}", 0.0, num_levels - 1.0) for i in range(len(sizes))],
-                            sizes, num_levels, start) for t in asked]
+                            sizes, num_levels, target_idx) for t in asked]
         scores = evaluate(profiles, windows)
         result.evaluations[windows] += len(profiles)
         for trial, profile, score in zip(asked, profiles, scores):

@@ -118,37 +118,51 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(out: Path, rows: list[dict], meta: dict) -> None:
+    """After every row, so a long run (the 135M rows take minutes each) keeps what it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_distill.json").write_text(json.dumps({"meta": meta, "train": TRAIN, "rows": rows}, indent=2))
+    (out / "bench_distill.md").write_text(to_markdown(rows, meta))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,stories260K,smollm2")
     parser.add_argument("--targets", default="0.5,0.8")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of the other models already in --out (e.g. add --models smollm2)")
     args = parser.parse_args()
     rows: list[dict] = []
+    previous = args.out / "bench_distill.json"
+    if args.append and previous.exists():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in args.models.split(",")]
+    meta = {"smollm2_train": SMOLLM2_TRAIN, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
+            "torch": torch.__version__, "command": "python tests/benchmarks/bench_distill.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "append"))
+            + (" --append" if args.append else "")}
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(args.out, rows, meta)
+
     for case in model_cases(args.models.split(",")):
         for target in (float(t) for t in args.targets.split(",")):
             for recipe in (r for r in args.recipes.split(",") if r in case.get("recipes", RECIPES)):
-                same_steps = [run_row(case, target, recipe, loss, overrides) for loss, overrides in LOSSES.items()]
-                rows += same_steps
-                for row in same_steps:
-                    print(json.dumps(row), flush=True)
+                same_steps = []
+                for loss, overrides in LOSSES.items():
+                    same_steps.append(run_row(case, target, recipe, loss, overrides))
+                    record(same_steps[-1])
                 # Plain recovery given the slowest distillation run's recovery time.
                 plain, slowest = same_steps[0], max(same_steps[1:], key=lambda r: r["recover_s"])
-                epochs = max(TRAIN["epochs_per_iteration"],
-                             round(TRAIN["epochs_per_iteration"] * slowest["recover_s"] / max(plain["recover_s"], 1e-6)))
-                row = run_row(case, target, recipe, f"next-token, equal wall-clock to {slowest['loss']}",
-                              dict(distill="none", epochs_per_iteration=epochs))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                base_epochs = case.get("train", {}).get("epochs_per_iteration", TRAIN["epochs_per_iteration"])
+                epochs = max(base_epochs, round(base_epochs * slowest["recover_s"] / max(plain["recover_s"], 1e-6)))
+                record(run_row(case, target, recipe, f"next-token, equal wall-clock to {slowest['loss']}",
+                               dict(distill="none", epochs_per_iteration=epochs)))
         if "val_data" in case:  # the split texts of a shared-data model
             shutil.rmtree(Path(case["val_data"]).parent, ignore_errors=True)
-    meta = {"smollm2_train": SMOLLM2_TRAIN, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
-            "torch": torch.__version__, "command": "python tests/benchmarks/bench_distill.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_distill.json").write_text(json.dumps({"meta": meta, "train": TRAIN, "rows": rows}, indent=2))
-    (args.out / "bench_distill.md").write_text(to_markdown(rows, meta))
     print(to_markdown(rows, meta))
 
 

@@ -105,7 +105,8 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             out = work / f"search-{name}-{method}-{target}"
             options = ProfileOptions(levels=GRID, generations=args.generations, offspring=args.offspring,
                                      survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
-                                     compare=False)
+                                     compare=False, start=args.start,
+                                     start_alphas=",".join(str(a) for a in args.alphas))
             config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                                 "stats_cache")},
                                  output=str(out))
@@ -115,7 +116,9 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             row["searched"] = {**searched, "kl": record["kl"], "kl_uniform": record["kl_uniform"],
                                "database_s": record["database_s"], "database": record["database"],
                                "search_s": record["search_s"], "evaluations": record["evaluations"],
-                               "search_over_prune": round((record["database_s"] + record["search_s"]) / prune_s, 1)}
+                               "start": record["start"]["name"], "start_kl": record["start"]["kl"],
+                               "search_over_prune": round((record["database_s"] + record["start"]["s"] + record["search_s"])
+                                                          / prune_s, 1)}
             heuristics = min(row["uniform"]["test_ppl"], row["importance"]["test_ppl"], row["owl"]["test_ppl"])
             row["searched_vs_best_heuristic"] = round(1 - searched["test_ppl"] / heuristics, 4)
             rows.append(row)
@@ -144,8 +147,8 @@ def markdown(rows: list[dict], args) -> str:
              "Test perplexity after one-shot pruning (lower is better); alpha and the searched profile chosen on "
              "validation only. `gain` = 1 - searched / best heuristic (uniform, importance, OWL).", "",
              "| model | method | target | uniform | importance (alpha) | OWL (alpha) | searched | gain | "
-             "KL uniform -> searched (val) | search / one prune | db build s | db reload s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "KL uniform -> searched (val) | started from | search / one prune | db build s | db reload s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["searched"]
         reuse = r.get("database_reuse", {})
@@ -153,7 +156,7 @@ def markdown(rows: list[dict], args) -> str:
             f"| {r['model']} | {r['method']} | {r['target']} | {r['uniform']['test_ppl']:.2f} | "
             f"{r['importance']['test_ppl']:.2f} ({r['importance']['alpha']}) | {r['owl']['test_ppl']:.2f} "
             f"({r['owl']['alpha']}) | {s['test_ppl']:.2f} | {100 * r['searched_vs_best_heuristic']:+.1f}% | "
-            f"{s['kl_uniform']:.3f} -> {s['kl']:.3f} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
+            f"{s['kl_uniform']:.3f} -> {s['kl']:.3f} | {s.get('start', 'uniform')} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
             f"{reuse.get('reload_s', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -168,6 +171,9 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=8)
     parser.add_argument("--survivors", type=int, default=3)
     parser.add_argument("--fidelity", default="1,4")
+    parser.add_argument("--start", default="best",
+                        help="uniform, or best: the search starts from the heuristic (uniform, importance or OWL at "
+                             "--alphas) with the lowest validation KL")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--importance-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
