@@ -279,7 +279,14 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         import ray
 
         ray.shutdown()
-    rescored = rescore(ctx, config, assembler, result.top(options.rescore), levels) if options.rescore else []
+    rescored = []
+    if options.rescore:
+        candidates = result.top(options.rescore)
+        if all(profile != start for profile, _ in candidates):
+            # the start (uniform, a heuristic or a saved profile) competes too: the answer is never worse on
+            # validation perplexity than where the search began
+            candidates.append((start, result.scored.get(tuple(start), float("nan"))))
+        rescored = rescore(ctx, config, assembler, candidates, levels)
     if rescored:
         result.best, result.fitness = rescored[0]["profile"], rescored[0]["kl"]
     ratios = [levels[i] for i in result.best]

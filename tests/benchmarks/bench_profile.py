@@ -105,7 +105,7 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             out = work / f"search-{name}-{method}-{target}"
             options = ProfileOptions(levels=GRID, generations=args.generations, offspring=args.offspring,
                                      survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
-                                     compare=False, start=args.start,
+                                     compare=False, start=args.start, rescore=args.rescore,
                                      start_alphas=",".join(str(a) for a in args.alphas))
             config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                                 "stats_cache")},
@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=8)
     parser.add_argument("--survivors", type=int, default=3)
     parser.add_argument("--fidelity", default="1,4")
+    parser.add_argument("--rescore", type=int, default=4,
+                        help="re-prune the K best-KL profiles (and the start) sequentially; keep the best validation ppl")
     parser.add_argument("--start", default="best",
                         help="uniform, or best: the search starts from the heuristic (uniform, importance or OWL at "
                              "--alphas) with the lowest validation KL")
