@@ -68,13 +68,32 @@ def test_disk_offload_maps_the_weights_instead_of_loading_them(saved_model_dir):
     assert tied(loaded.model) == tied(reference.model)  # tied stays tied, untied stays two tensors
 
 
-def test_offload_with_recovery_or_structured_pruning_is_refused_before_any_work():
+def test_offload_with_recovery_is_refused_before_any_work():
     from raysparse.config import TrialConfig
 
     with pytest.raises(ConfigError, match="--offload disk"):
         TrialConfig(offload="disk", recovery="masked").validate()
-    with pytest.raises(ConfigError, match="--offload cpu"):
-        TrialConfig(offload="cpu", method="structured", pruning_ratio=0.25).validate()
+    TrialConfig(offload="cpu", method="structured", pruning_ratio=0.25).validate()  # structured is covered
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_an_offloaded_structured_trial_removes_the_same_units(saved_model_dir, text_files, tmp_path, offload):
+    """Taylor scores from the layer-by-layer walk, the shrink and the evaluation, with --offload."""
+    folder = saved_model_dir("llama")
+    settings = dict(method="structured", pruning_ratio=0.25, num_examples=4, max_seq_len=24)
+    whole = trial(folder, text_files, tmp_path / "whole", **settings)
+    offloaded = trial(folder, text_files, tmp_path / offload, offload=offload, **settings)
+    from safetensors.torch import load_file
+
+    assert whole["structured"]["layers"] == offloaded["structured"]["layers"]
+    kept_whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    kept_off = load_file(tmp_path / offload / "model" / "model.safetensors")
+    assert kept_whole.keys() == kept_off.keys()  # the same groups and channels kept, layer by layer
+    assert all(torch.equal(kept_whole[k], kept_off[k]) for k in kept_whole)
+    assert offloaded["structured"]["latency_offloaded"] is True
+    for key in ("ppl_dense", "sparsity_measured"):
+        assert offloaded[key] == whole[key], key
+    assert offloaded["ppl_final"] == pytest.approx(whole["ppl_final"], rel=1e-5)
 
 
 CHILD = """

@@ -11,7 +11,7 @@ from raysparse.cli.prune import prune_main
 from raysparse.models.adapters import get_adapter
 from raysparse.models.resize import shrink_layer, unit_params
 from raysparse.structured.plan import prune_structured
-from raysparse.structured.taylor import LayerUnitScores, layer_param_counts, taylor_scores
+from raysparse.structured.taylor import LayerUnitScores, layer_param_counts, taylor_scores, taylor_scores_layerwise
 
 # The output projection of each family, and whether its weight is stored transposed (Conv1D).
 OUTPUT_PROJ = {"llama": ("self_attn.o_proj", "mlp.down_proj", False),
@@ -101,6 +101,21 @@ def test_taylor_scores_rank_a_dead_unit_last_and_pruning_removes_it():
     assert kept_k.shape == (24, 64)
     torch.testing.assert_close(kept_k, torch.cat([before[:16], before[24:]]))  # group 2 is the one gone
     assert result.plans[1].params_removed == 0 and model.model.layers[1].self_attn.k_proj.weight.shape == (32, 64)
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2], [1, 2]])
+def test_layer_by_layer_taylor_scores_equal_the_whole_model_backward(family, indices):
+    """--offload: forward walk, loss from the final norm + LM head, backward walk per layer."""
+    model = build_model(family, layers=3)
+    adapter = get_adapter(model)
+    windows = torch.randint(3, 300, (5, 24), generator=torch.Generator().manual_seed(1))
+    whole = taylor_scores(adapter, windows, indices, torch.device("cpu"), batch_size=2)
+    walked = taylor_scores_layerwise(adapter, windows, indices, torch.device("cpu"), batch_size=2)
+    assert [s.layer for s in walked] == indices
+    for a, b in zip(whole, walked):
+        torch.testing.assert_close(torch.tensor(b.attention), torch.tensor(a.attention), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(b.mlp), torch.tensor(a.mlp), rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # restored as they were
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4])

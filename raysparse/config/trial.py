@@ -243,10 +243,10 @@ class TrialConfig:
                               "does not calibrate layer by layer: leave it at two")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda or cuda:N")
-        if self.offload != "none" and (self.recovery != "none" or self.is_structured):
-            raise ConfigError(f"--offload {self.offload} covers one-shot and iterative pruning and evaluation; "
-                              "recovery (training) and structured pruning (Taylor scores) need the whole model "
-                              "on the device: use --offload none")
+        if self.offload != "none" and self.recovery != "none":
+            raise ConfigError(f"--offload {self.offload} covers pruning (unstructured and structured) and "
+                              "evaluation; recovery (training) needs the whole model on the device: use "
+                              "--offload none, or prune with --offload and --save, then recover the saved model")
         if self.save and not self.output:
             raise ConfigError("save is set but no output directory is given: add --output DIR")
         if self.val_data is not None and self.eval_data is not None and _same_text(self.val_data, self.eval_data):

@@ -141,6 +141,10 @@ class ModelAdapter:
         """Modules that run before the first decoder layer (embeddings, rotary tables)."""
         raise NotImplementedError
 
+    def post_layer_modules(self) -> list[nn.Module]:
+        """Modules between the last decoder layer and the LM head, in order (the final norm)."""
+        raise NotImplementedError
+
     @classmethod
     def linear_names(cls) -> set[str]:
         """Names of the family's linear layers (what LoRA can target), known without loading weights."""
@@ -201,6 +205,9 @@ class LlamaAdapter(ModelAdapter):
         inner = self.model.model
         return [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
 
+    def post_layer_modules(self) -> list[nn.Module]:
+        return [self.model.model.norm]
+
 
 class OPTAdapter(ModelAdapter):
     family = "opt"
@@ -218,6 +225,10 @@ class OPTAdapter(ModelAdapter):
         dec = self.model.model.decoder
         mods = [dec.embed_tokens, dec.embed_positions, getattr(dec, "project_in", None)]
         return [m for m in mods if m is not None]
+
+    def post_layer_modules(self) -> list[nn.Module]:
+        dec = self.model.model.decoder
+        return [m for m in (dec.final_layer_norm, getattr(dec, "project_out", None)) if m is not None]
 
 
 class GPT2Adapter(ModelAdapter):
@@ -247,6 +258,9 @@ class GPT2Adapter(ModelAdapter):
 
     def pre_layer_modules(self) -> list[nn.Module]:
         return [self.model.transformer.wte, self.model.transformer.wpe]
+
+    def post_layer_modules(self) -> list[nn.Module]:
+        return [self.model.transformer.ln_f]
 
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)

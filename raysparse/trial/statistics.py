@@ -179,9 +179,11 @@ def layer_importance(ctx: TrialContext) -> dict[str, Any]:
 
 
 def taylor_scores(ctx: TrialContext, indices: Sequence[int]) -> dict[str, Any]:
-    """Taylor scores of the dense model's layers `indices`: computed once per key."""
+    """Taylor scores of the dense model's layers `indices`: computed once per key. With --offload
+    they come from the layer-by-layer walk (the same scores, one decoder layer on the device)."""
     return _cached(ctx, lambda: taylor_key(ctx, indices), lambda: timed_taylor_scores(
-        ctx.loaded.adapter, ctx.taylor_windows, list(indices), ctx.device, ctx.config.calib_batch_size))
+        ctx.loaded.adapter, ctx.taylor_windows, list(indices), ctx.device, ctx.config.calib_batch_size,
+        layerwise=ctx.config.offload != "none"))
 
 
 def prune_dense(ctx: TrialContext, config: TrialConfig, ratios: list[float] | None) -> Masks:
