@@ -131,7 +131,7 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
         config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                             "stats_cache")}, output=str(reuse_out))
         build = next(r["searched"]["database_s"] for r in rows if r["model"] == name and r["method"] == method)
-        again = run_profile_search(config, dataclasses.replace(options, generations=1))
+        again = run_profile_search(config, dataclasses.replace(options, generations=1, rescore=0, start="uniform"))
         for r in rows:
             if r["model"] == name and r["method"] == method:
                 r["database_reuse"] = {"build_s": build, "reload_s": again["database_s"],
