@@ -63,6 +63,36 @@ def test_wanda_in_the_layerwise_engine_uses_the_real_layer_inputs():
     assert torch.equal(masks["model.layers.0.self_attn.q_proj.weight"], expected_keep)
 
 
+@pytest.mark.parametrize("passes", ["two", "one"])
+def test_sublayers_fed_the_same_tensor_share_one_collector_and_the_masks_do_not_change(passes, monkeypatch):
+    """q/k/v (and gate/up) read one tensor: X X^T and its factorisation are computed once, and the
+    SparseGPT masks and weights equal pruning each sublayer from its own collector."""
+    from raysparse.prune.layerwise import SharedInputStats
+
+    made = []
+    real_make = SparseGPTMethod.make_collector
+    monkeypatch.setattr(SparseGPTMethod, "make_collector",
+                        lambda self, module: made.append(module) or real_make(self, module))
+    shared_model = build_model("llama")
+    masks = prune_layerwise(get_adapter(shared_model), SparseGPTMethod(parse_sparsity("0.5")), calibration(), CPU,
+                            batch_size=3, passes=passes)
+    assert len(made) == 4 * 2  # per layer: q/k/v, o, gate/up, down
+
+    def unshared_add(self, name, x):  # the reference: every sublayer its own collector
+        self.owner[name] = name
+        self.collectors.setdefault(name, real_make(self.method, self.linears[name])).add_batch(x.detach())
+
+    monkeypatch.setattr(SharedInputStats, "add", unshared_add)
+    if passes == "one":
+        return  # the one-pass reference is test_one_pass.py's (each sublayer pruned in its pre-hook)
+    separate_model = build_model("llama")
+    separate = prune_layerwise(get_adapter(separate_model), SparseGPTMethod(parse_sparsity("0.5")), calibration(),
+                               CPU, batch_size=3)
+    assert masks.keys() == separate.keys() and all(torch.equal(masks[k], separate[k]) for k in masks)
+    for a, b in zip(shared_model.parameters(), separate_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("sparsity", ["0.5", "0.7", "2:4"])
 def test_sparsegpt_reconstructs_better_than_magnitude(sparsity):
     gen = torch.Generator().manual_seed(0)

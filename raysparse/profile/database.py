@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from raysparse.errors import ConfigError
 from raysparse.models.adapters import ModelAdapter
 from raysparse.models.layer_inputs import _Chunk, _layer_output, capture_layer_inputs
+from raysparse.prune.layerwise import SharedInputStats
 from raysparse.prune.sparsegpt import SparseGPTMethod
 from raysparse.prune.wanda import WandaMethod
 from raysparse.sparsity.pattern import SparsityPattern
@@ -49,12 +50,16 @@ def prune_layer_levels(adapter: ModelAdapter, index: int, layer: torch.nn.Module
     Returns the entry and the layer's dense outputs (the next layer's inputs).
     """
     linears = adapter.prunable_linears(layer)
-    collectors = {name: method.make_collector(module) for name, module in linears.items()}
-    hooks = [module.register_forward_hook(lambda _m, inputs, _o, c=collectors[name]: c.add_batch(inputs[0].detach()))
+    shared = SharedInputStats(method, linears)  # one collector (and SparseGPT factorisation) per input
+    hooks = [module.register_forward_hook(lambda _m, inputs, _o, name=name: shared.add(name, inputs[0]))
              for name, module in linears.items()]
+    outputs = []
     try:
-        outputs = [_layer_output(layer(c.hidden, *c.args, **c.kwargs)) for c in chunks]
+        for c in chunks:
+            shared.new_call()
+            outputs.append(_layer_output(layer(c.hidden, *c.args, **c.kwargs)))
     finally:
+        shared.new_call()
         for hook in hooks:
             hook.remove()
     dense = {name: module.weight.detach().clone() for name, module in linears.items()}
@@ -66,7 +71,7 @@ def prune_layer_levels(adapter: ModelAdapter, index: int, layer: torch.nn.Module
             entry = {}
             for name, module in linears.items():
                 module.weight.data.copy_(dense[name])
-                remove = method.prune_module(adapter, module, collectors[name])
+                remove = method.prune_module(adapter, module, shared.stats(name))
                 entry[name] = (module.weight.detach().cpu().clone() if kind == "weight"
                                else adapter.to_param_layout(module, ~remove).cpu())
             entries.append(entry)

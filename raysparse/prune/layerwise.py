@@ -50,6 +50,41 @@ class LayerwiseMethod(Protocol):
         ...
 
 
+class SharedInputStats:
+    """One statistics collector per distinct input tensor of a layer call.
+
+    Sublayers fed the very same tensor (q/k/v read one normed hidden state, gate/up another)
+    share one collector, so SparseGPT's X X^T (and its inverse Cholesky factor) or Wanda's
+    column norms are accumulated once instead of per sublayer. Sharing is decided on the
+    first call by object identity (the tensors of a call are held until the next, so an id
+    is never reused) and must hold for every later call.
+    """
+
+    def __init__(self, method: LayerwiseMethod, linears: dict[str, nn.Module]):
+        self.method, self.linears = method, linears
+        self.owner: dict[str, str] = {}
+        self.collectors: dict[str, StatsCollector] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []
+
+    def new_call(self) -> None:
+        self._seen = []
+
+    def add(self, name: str, inputs: torch.Tensor) -> None:
+        fed_as = next((owner for tensor, owner in self._seen if tensor is inputs), name)
+        if name not in self.owner:
+            self.owner[name] = fed_as
+            if fed_as == name:
+                self.collectors[name] = self.method.make_collector(self.linears[name])
+        elif self.owner[name] != fed_as:
+            raise RuntimeError(f"sublayer {name} was fed another tensor than on the first calibration batch")
+        if fed_as == name:
+            self.collectors[name].add_batch(inputs.detach())
+            self._seen.append((inputs, name))
+
+    def stats(self, name: str) -> StatsCollector:
+        return self.collectors[self.owner[name]]
+
+
 @torch.no_grad()
 def prune_layerwise(
     adapter: ModelAdapter,
@@ -90,23 +125,22 @@ def prune_layerwise(
                 if offload:
                     release_layer(layer)  # back into its host (or disk-mapped) storage
                 continue
-            collectors = {name: method.make_collector(module) for name, module in linears.items()}
+            shared = SharedInputStats(method, linears)
             hooks = [
-                module.register_forward_hook(
-                    lambda _m, inputs, _out, c=collectors[name]: c.add_batch(inputs[0].detach())
-                )
+                module.register_forward_hook(lambda _m, inputs, _out, name=name, to=shared: to.add(name, inputs[0]))
                 for name, module in linears.items()
             ]
             try:
                 for chunk in chunks:
+                    shared.new_call()
                     layer(chunk.hidden, *chunk.args, **chunk.kwargs)
             finally:
                 for hook in hooks:
                     hook.remove()
+            shared.new_call()
             for name, module in linears.items():
-                remove = method.prune_module(adapter, module, collectors[name])
+                remove = method.prune_module(adapter, module, shared.stats(name))
                 masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()
-            del collectors
             for chunk in chunks:  # the pruned layer's output feeds the next layer
                 chunk.hidden = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
             if offload:
@@ -128,13 +162,17 @@ def _prune_layer_in_one_pass(adapter: ModelAdapter, method: LayerwiseMethod, lay
     replaces the hidden states that feed the next layer.
     """
     masks: Masks = {}
+    fed: list[tuple[torch.Tensor, StatsCollector]] = []  # inputs seen in this call: q/k/v share one
 
     def prune_before_use(name: str, module: nn.Module, inputs: tuple) -> None:
         if f"{adapter.layers_path}.{index}.{name}.weight" in masks:
             return  # a sublayer called twice in one forward is pruned once, on its first inputs
-        collector = method.make_collector(module)
-        for piece in inputs[0].detach().split(batch_size):
-            collector.add_batch(piece)
+        collector = next((c for tensor, c in fed if tensor is inputs[0]), None)
+        if collector is None:
+            collector = method.make_collector(module)
+            for piece in inputs[0].detach().split(batch_size):
+                collector.add_batch(piece)
+            fed.append((inputs[0], collector))
         remove = method.prune_module(adapter, module, collector)
         masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()
 
@@ -142,8 +180,10 @@ def _prune_layer_in_one_pass(adapter: ModelAdapter, method: LayerwiseMethod, lay
              for name, module in linears.items()]
     try:
         for chunk in chunks:
+            fed.clear()
             chunk.hidden = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
     finally:
+        fed.clear()
         for hook in hooks:
             hook.remove()
     missing = [name for name in linears if f"{adapter.layers_path}.{index}.{name}.weight" not in masks]

@@ -34,6 +34,14 @@ class HessianCollector:
     def hessian(self) -> torch.Tensor:
         return self.xtx * (2.0 / max(self.tokens, 1))
 
+    def prepared(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(upper Cholesky factor of the dampened H^-1, dead inputs), computed once: sublayers
+        that share this collector (q/k/v, gate/up) share the factorisation too."""
+        cached = getattr(self, "_prepared", None)
+        if cached is None or cached[0] != percdamp:
+            self._prepared = (percdamp, prepare_hessian(self.hessian(), percdamp))
+        return self._prepared[1]
+
 
 def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1, raising the dampening until H is positive definite."""
@@ -51,6 +59,15 @@ def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     raise RuntimeError("SparseGPT: the Hessian stayed singular even with 10x dampening; use more --nsamples")
 
 
+def prepare_hessian(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the dampened H^-1, mask of dead inputs); dead inputs (never
+    active in calibration) get a unit diagonal so H stays invertible."""
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    return _inverse_cholesky(H, percdamp), dead
+
+
 @torch.no_grad()
 def sparsegpt_reconstruct(
     weight: torch.Tensor,
@@ -59,6 +76,7 @@ def sparsegpt_reconstruct(
     percdamp: float = 0.01,
     blocksize: int = 128,
     sweep: int = 32,
+    prepared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (pruned and updated weight, remove-mask) for an (out, in) weight.
 
@@ -67,14 +85,12 @@ def sparsegpt_reconstruct(
     propagation inside a block runs in sub-blocks of `sweep` columns with a lazy (matmul)
     update of the columns after each sub-block: the same sums in another order, so the masks
     are identical to a sweep over the whole block, with a quarter of the column-by-column
-    rank-1 work on a CPU.
+    rank-1 work on a CPU. `prepared` is `prepare_hessian(hessian, percdamp)` when the caller
+    already has it.
     """
     W = weight.detach().float().clone()
-    H = hessian.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    Hinv, dead = prepared if prepared is not None else prepare_hessian(hessian, percdamp)
     W[:, dead] = 0.0
-    Hinv = _inverse_cholesky(H, percdamp)
     rows, cols = W.shape
     remove = torch.zeros_like(W, dtype=torch.bool)
     if pattern.is_nm and blocksize % pattern.m:
@@ -121,7 +137,7 @@ class SparseGPTMethod:
     def prune_module(self, adapter: ModelAdapter, module: nn.Module, stats: HessianCollector) -> torch.Tensor:
         weight = adapter.weight_matrix(module)
         new_weight, remove = sparsegpt_reconstruct(
-            weight, stats.hessian(), self.pattern, self.percdamp, self.blocksize
+            weight, stats.hessian(), self.pattern, self.percdamp, self.blocksize, prepared=stats.prepared(self.percdamp)
         )
         weight.copy_(new_weight.to(weight.dtype))
         weight.masked_fill_(remove, 0)  # dead inputs and pruned weights are exactly zero

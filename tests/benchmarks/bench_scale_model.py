@@ -253,10 +253,10 @@ def main() -> None:
         print(json.dumps(cases[-1], indent=1), flush=True)
     load = psutil.getloadavg()
     results = {"machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, torch {torch.__version__}, float32",
-               "note": " ".join(notes + [f"{args.models}: measured on a shared, loaded machine (load average "
+               "note": " ".join(notes + [f"{args.models} ({args.nsamples} calibration windows): load average "
                                 f"{load[0]:.1f} / {load[1]:.1f} on {psutil.cpu_count()} cores at the end, "
-                                f"{torch.get_num_threads()} torch thread(s)): absolute seconds are pessimistic; the "
-                                "ratios compare phases of the same run."]),
+                                f"{torch.get_num_threads()} torch thread(s); the ratios compare phases of the same "
+                                "run."]),
                "args": vars(args), "cases": cases}
     complete = [c for c in cases if "wanda (one-pass)" in c["phases"] and any(k.startswith("recovery") for k in c["phases"])]
     if complete:
