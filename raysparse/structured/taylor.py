@@ -134,9 +134,10 @@ def taylor_scores_layerwise(adapter: ModelAdapter, windows: torch.Tensor, layer_
                 _move_pre_layer_modules(adapter, torch.device("cpu"))
             hidden = [chunk.hidden for chunk in chunks]
             kept: list[list[torch.Tensor]] = []
-            for layer in tqdm(layers, desc="taylor importance (forward walk)", leave=False):
+            lowest = min(layer_indices)
+            for index, layer in enumerate(tqdm(layers, desc="taylor importance (forward walk)", leave=False)):
                 fetch_layer(layer, device)
-                kept.append([h.to("cpu") for h in hidden])
+                kept.append([h.to("cpu") for h in hidden] if index >= lowest else [])  # the backward walk stops there
                 hidden = [_layer_output(layer(h, *c.args, **c.kwargs)) for h, c in zip(hidden, chunks)]
                 release_layer(layer)
         grads = []
@@ -160,7 +161,7 @@ def taylor_scores_layerwise(adapter: ModelAdapter, windows: torch.Tensor, layer_
             for module in (*post, head):
                 release_layer(module)
         results = {}
-        for index in tqdm(range(len(layers) - 1, min(layer_indices) - 1, -1), desc="taylor importance (backward walk)",
+        for index in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="taylor importance (backward walk)",
                           leave=False):
             layer = layers[index]
             fetch_layer(layer, device)

@@ -132,12 +132,13 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--append", action="store_true",
-                        help="keep the rows of the other models already in --out (e.g. add --models smollm2)")
+                        help="keep the rows of other (model, target) cases already in --out (e.g. add --models smollm2)")
     args = parser.parse_args()
     rows: list[dict] = []
     previous = args.out / "bench_distill.json"
     if args.append and previous.exists():
-        rows = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in args.models.split(",")]
+        rerun = {(m, float(t)) for m in args.models.split(",") for t in args.targets.split(",")}
+        rows = [r for r in json.loads(previous.read_text())["rows"] if (r["model"], float(r["target"])) not in rerun]
     meta = {"smollm2_train": SMOLLM2_TRAIN, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
             "torch": torch.__version__, "command": "python tests/benchmarks/bench_distill.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "append"))
