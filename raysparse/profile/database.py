@@ -51,17 +51,7 @@ def prune_layer_levels(adapter: ModelAdapter, index: int, layer: torch.nn.Module
     """
     linears = adapter.prunable_linears(layer)
     shared = SharedInputStats(method, linears)  # one collector (and SparseGPT factorisation) per input
-    hooks = [module.register_forward_hook(lambda _m, inputs, _o, name=name: shared.add(name, inputs[0]))
-             for name, module in linears.items()]
-    outputs = []
-    try:
-        for c in chunks:
-            shared.new_call()
-            outputs.append(_layer_output(layer(c.hidden, *c.args, **c.kwargs)))
-    finally:
-        shared.new_call()
-        for hook in hooks:
-            hook.remove()
+    outputs = shared.collect(layer, chunks)
     dense = {name: module.weight.detach().clone() for name, module in linears.items()}
     kind = "weight" if isinstance(method, SparseGPTMethod) else "mask"
     entries: list[dict[str, torch.Tensor]] = []

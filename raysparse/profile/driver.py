@@ -274,7 +274,8 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         result = optuna_search(start, target_idx, sizes, len(levels), evaluate, fidelities[-1], options.trials,
                                max(1, options.offspring), options.search, config.seed)
     search_s = time.perf_counter() - search_started
-    uniform_kl = start_kls.get("uniform") or evaluate([[target_idx] * len(layers)], fidelities[-1])[0]
+    uniform_kl = (start_kls["uniform"] if "uniform" in start_kls
+                  else evaluate([[target_idx] * len(layers)], fidelities[-1])[0])
     if started_ray:
         import ray
 

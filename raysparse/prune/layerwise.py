@@ -57,11 +57,12 @@ class SharedInputStats:
     share one collector, so SparseGPT's X X^T (and its inverse Cholesky factor) or Wanda's
     column norms are accumulated once instead of per sublayer. Sharing is decided on the
     first call by object identity (the tensors of a call are held until the next, so an id
-    is never reused) and must hold for every later call.
+    is never reused) and must hold for every later call. `split` feeds a collector in slices
+    of that many windows (the one-pass mode sees the whole calibration set at once).
     """
 
-    def __init__(self, method: LayerwiseMethod, linears: dict[str, nn.Module]):
-        self.method, self.linears = method, linears
+    def __init__(self, method: LayerwiseMethod, linears: dict[str, nn.Module], split: int | None = None):
+        self.method, self.linears, self.split = method, linears, split
         self.owner: dict[str, str] = {}
         self.collectors: dict[str, StatsCollector] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
@@ -78,11 +79,28 @@ class SharedInputStats:
         elif self.owner[name] != fed_as:
             raise RuntimeError(f"sublayer {name} was fed another tensor than on the first calibration batch")
         if fed_as == name:
-            self.collectors[name].add_batch(inputs.detach())
+            for piece in inputs.detach().split(self.split) if self.split else (inputs.detach(),):
+                self.collectors[name].add_batch(piece)
             self._seen.append((inputs, name))
 
     def stats(self, name: str) -> StatsCollector:
         return self.collectors[self.owner[name]]
+
+    def collect(self, layer: nn.Module, chunks: list) -> list[torch.Tensor]:
+        """Run `layer` on every chunk with each sublayer's inputs going to its collector; return
+        the layer's outputs."""
+        hooks = [module.register_forward_hook(lambda _m, inputs, _out, name=name: self.add(name, inputs[0]))
+                 for name, module in self.linears.items()]
+        outputs = []
+        try:
+            for chunk in chunks:
+                self.new_call()
+                outputs.append(_layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs)))
+        finally:
+            self.new_call()
+            for hook in hooks:
+                hook.remove()
+        return outputs
 
 
 @torch.no_grad()
@@ -126,18 +144,7 @@ def prune_layerwise(
                     release_layer(layer)  # back into its host (or disk-mapped) storage
                 continue
             shared = SharedInputStats(method, linears)
-            hooks = [
-                module.register_forward_hook(lambda _m, inputs, _out, name=name, to=shared: to.add(name, inputs[0]))
-                for name, module in linears.items()
-            ]
-            try:
-                for chunk in chunks:
-                    shared.new_call()
-                    layer(chunk.hidden, *chunk.args, **chunk.kwargs)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            shared.new_call()
+            shared.collect(layer, chunks)
             for name, module in linears.items():
                 remove = method.prune_module(adapter, module, shared.stats(name))
                 masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()
@@ -162,28 +169,23 @@ def _prune_layer_in_one_pass(adapter: ModelAdapter, method: LayerwiseMethod, lay
     replaces the hidden states that feed the next layer.
     """
     masks: Masks = {}
-    fed: list[tuple[torch.Tensor, StatsCollector]] = []  # inputs seen in this call: q/k/v share one
+    shared = SharedInputStats(method, linears, split=batch_size)  # q/k/v share one collector
 
     def prune_before_use(name: str, module: nn.Module, inputs: tuple) -> None:
         if f"{adapter.layers_path}.{index}.{name}.weight" in masks:
             return  # a sublayer called twice in one forward is pruned once, on its first inputs
-        collector = next((c for tensor, c in fed if tensor is inputs[0]), None)
-        if collector is None:
-            collector = method.make_collector(module)
-            for piece in inputs[0].detach().split(batch_size):
-                collector.add_batch(piece)
-            fed.append((inputs[0], collector))
-        remove = method.prune_module(adapter, module, collector)
+        shared.add(name, inputs[0])
+        remove = method.prune_module(adapter, module, shared.stats(name))
         masks[f"{adapter.layers_path}.{index}.{name}.weight"] = adapter.to_param_layout(module, ~remove).cpu()
 
     hooks = [module.register_forward_pre_hook(lambda m, inputs, name=name: prune_before_use(name, m, inputs))
              for name, module in linears.items()]
     try:
         for chunk in chunks:
-            fed.clear()
+            shared.new_call()
             chunk.hidden = _layer_output(layer(chunk.hidden, *chunk.args, **chunk.kwargs))
     finally:
-        fed.clear()
+        shared.new_call()
         for hook in hooks:
             hook.remove()
     missing = [name for name in linears if f"{adapter.layers_path}.{index}.{name}.weight" not in masks]
