@@ -66,25 +66,31 @@ def startup_trials(settings: SearchSettings) -> int:
     return max(2, min(10, settings.num_samples // 3))
 
 
-def _make_searcher(space: SearchSpace, settings: SearchSettings):
+def make_sampler(space: SearchSpace, settings: SearchSettings):
+    """The Optuna sampler a search uses (also run on a surrogate by tests/benchmarks/search_surrogate.py)."""
     import optuna
+
+    metrics, _ = OBJECTIVES[settings.objective]
+    if settings.searcher == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    if settings.searcher == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=settings.seed)
+    if len(metrics) > 1:
+        return optuna.samplers.NSGAIISampler(seed=settings.seed)
+    # group=True: conditional parameters (lora_r only when recovery is lora) are modelled
+    # jointly within the subspace where they are active, not sampled independently.
+    conditional = any(spec.when for spec in space.params.values())
+    return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional,
+                                      n_startup_trials=startup_trials(settings))
+
+
+def _make_searcher(space: SearchSpace, settings: SearchSettings):
     from ray.tune.search import ConcurrencyLimiter
 
     OptunaSearch = milestone_optuna_search_class()
 
     metrics, modes = OBJECTIVES[settings.objective]
-    if settings.searcher == "random":
-        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-    elif settings.searcher == "qmc":
-        sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=settings.seed)
-    elif len(metrics) > 1:
-        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
-    else:
-        # group=True: conditional parameters (lora_r only when recovery is lora) are modelled
-        # jointly within the subspace where they are active, not sampled independently.
-        conditional = any(spec.when for spec in space.params.values())
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional,
-                                             n_startup_trials=startup_trials(settings))
+    sampler = make_sampler(space, settings)
     asha = settings.early_stopping and len(metrics) == 1
     searcher = OptunaSearch(
         space=space.optuna_define_by_run(), metric=metrics if len(metrics) > 1 else metrics[0],

@@ -1,18 +1,19 @@
-"""Replay finished searches through Ray's ASHA bracket offline: which trials does it stop, and why?
+"""Replay finished searches through raysparse's ASHA offline: what would other settings save and lose?
 
-Run after bench_search.py (reads the experiment folders it left in its temp storage):
+Run after bench_search.py (reads the experiment folders it left in its storage):
 
-    python tests/benchmarks/asha_replay.py [--storage DIR]
+    python tests/benchmarks/asha_replay.py [--storage DIR] [--grace 20,25,30,40] [--reduction 2,3,4]
 
-Each search without early stopping holds every trial's full history (one Tune report per
-pruning iteration: sparsity_pct, val_ppl, steps, time). This feeds those reports, in the
-order two concurrent slots would produce them (a stopped trial frees its slot at once),
-to the same `_Bracket` raysparse's ASHAScheduler builds (grace 20, reduction 2, max_t 101),
-once as configured (stop_last_trials=True) and once with stop_last_trials=False. With
-True, a trial whose first report lands past a higher rung (p >= 0.4: 40-50% sparsity, rung
-40) is compared at the skipped lower rung (20) at its *next* report, against values other
-trials recorded at 25-39% sparsity, and is almost always stopped. Replaying an ASHA search's
-own histories with True must reproduce its real stops: that checks the replay.
+A search without early stopping holds every trial's full history (one Tune report per
+pruning iteration: sparsity_pct, val_ppl, the level and value before it, steps, time). This
+feeds those reports, in the order two concurrent slots would produce them (a stopped trial
+frees its slot at once), to the scheduler a search builds (`searcher.persistent_asha_class`,
+rungs judged at interpolated values, `milestones.crossed_rungs`), for every (grace,
+reduction factor) pair asked for, and compares the compute (training steps) and best
+completed validation perplexity with the search that ran everything. It also gives the rank
+correlation between a trial's value at each rung and its final value: how much an early
+rung can know. Replaying an ASHA search's own histories with its own settings must reproduce
+its real stops: that checks the replay.
 Writes results/bench_search_asha_replay.json and .md beside this file.
 """
 from __future__ import annotations
@@ -25,7 +26,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench_search import OUT, trial_index
-from ray.tune.schedulers.async_hyperband import _Bracket
+from scipy.stats import spearmanr
+
+from raysparse.search.milestones import MILESTONE, asha_rungs, crossed_rungs
+from raysparse.search.searcher import MAX_PCT, REDUCTION_FACTOR, persistent_asha_class
+
+METRIC = "val_ppl"
 
 
 def histories(experiment: Path) -> dict[int, list[dict]]:
@@ -38,78 +44,96 @@ def histories(experiment: Path) -> dict[int, list[dict]]:
     return dict(sorted(out.items()))
 
 
-def replay(hist: dict[int, list[dict]], stop_last_trials: bool, slots: int = 2) -> dict:
+def replay(hist: dict[int, list[dict]], grace: int, reduction: float, slots: int = 2) -> dict:
     """Event-driven replay: trials start in counter order when a slot frees; ASHA sees each report."""
-    bracket = _Bracket(min_t=20, max_t=101, reduction_factor=2, s=0, stop_last_trials=stop_last_trials)
-    queue, events, last = list(hist), [], {}
+    asha = persistent_asha_class()(state_file=None, time_attr=MILESTONE, metric=METRIC, mode="min", max_t=MAX_PCT,
+                                   grace_period=grace, reduction_factor=reduction)
+    queue, events, last, done = list(hist), [], {}, set()
 
     def start(now: float) -> None:
         if queue:
             index = queue.pop(0)
+            asha.on_trial_add(None, SimpleNamespace(trial_id=index))
             for k, report in enumerate(hist[index]):
                 heapq.heappush(events, (now + report["time_total_s"], index, k))
 
     for _ in range(slots):
         start(0.0)
-    done = set()
     while events:
         now, index, k = heapq.heappop(events)
         if index in done:
             continue
         report = hist[index][k]
-        action = bracket.on_result(SimpleNamespace(trial_id=index), report["sparsity_pct"], -report["val_ppl"])
+        action = asha.on_trial_result(None, SimpleNamespace(trial_id=index), report)
         last[index] = report
         if action == "STOP" or k == len(hist[index]) - 1:
             done.add(index)
             start(now)
     rows = {i: {"status": "completed" if r.get("completed") else "stopped", "sparsity_pct": r["sparsity_pct"],
-                "val_ppl": r["val_ppl"], "steps": r["train_steps_total"]} for i, r in last.items()}
+                "val_ppl": r[METRIC], "steps": r["train_steps_total"]} for i, r in last.items()}
     completed = [r["val_ppl"] for r in rows.values() if r["status"] == "completed"]
     return {"trials": rows, "steps": sum(r["steps"] for r in rows.values()),
             "best_val": min(completed) if completed else None, "completed": len(completed)}
 
 
+def rung_correlation(all_hist: list[dict[int, list[dict]]], rungs: list[int]) -> dict[int, float]:
+    """Spearman correlation, over every fully run trial, of the value at a rung and the final value."""
+    at: dict[int, list[tuple[float, float]]] = {rung: [] for rung in rungs}
+    for hist in all_hist:
+        for reports in hist.values():
+            final = reports[-1][METRIC]
+            for report in reports:
+                for rung, value in crossed_rungs(report, METRIC, rungs):
+                    at[rung].append((value, final))
+    return {rung: round(float(spearmanr(*zip(*pairs)).statistic), 3) for rung, pairs in at.items() if len(pairs) > 2}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", type=Path, default=None)
+    parser.add_argument("--grace", default="20,25,30,40", help="first rungs to try, in percent sparsity")
+    parser.add_argument("--reduction", default="2,3,4", help="ASHA reduction factors to try")
     args = parser.parse_args()
     storage = args.storage or Path(json.loads((OUT / "bench_search.json").read_text())["storage"])
-    result = {"storage": str(storage), "checks": [], "replays": []}
+    result: dict = {"storage": str(storage), "checks": [], "sweep": []}
+    default = (20, REDUCTION_FACTOR)
     for experiment in sorted(storage.glob("*-asha")):  # the replay must reproduce what ASHA did
         hist = histories(experiment)
-        same = replay(hist, stop_last_trials=True)
+        same = replay(hist, *default)
         real = {i: ("completed" if h[-1].get("completed") else "stopped") for i, h in hist.items()}
         result["checks"].append({"search": experiment.name, "trials": len(hist), "agree": sum(
             same["trials"][i]["status"] == real[i] for i in hist)})
-    for experiment in sorted(storage.glob("*-full")):
-        hist = histories(experiment)
-        full = {"steps": sum(h[-1]["train_steps_total"] for h in hist.values()),
-                "best_val": min(h[-1]["val_ppl"] for h in hist.values())}
-        row = {"search": experiment.name, "no_early_stopping": full}
-        for flag in (True, False):
-            r = replay(hist, stop_last_trials=flag)
-            row[f"stop_last_trials={flag}"] = {
-                "steps_ratio": round(r["steps"] / full["steps"], 3), "best_val": r["best_val"],
-                "best_gap_pct": None if r["best_val"] is None else round(100 * (r["best_val"] / full["best_val"] - 1), 2),
-                "completed": r["completed"],
-                "stopped_p_ge_0.4": sum(r["trials"][i]["status"] == "stopped" for i, h in hist.items()
-                                        if h[0]["config"]["prune_percentage"] >= 0.4),
-                "p_ge_0.4": sum(h[0]["config"]["prune_percentage"] >= 0.4 for h in hist.values())}
-        result["replays"].append(row)
-    for flag in (True, False):
-        key = f"stop_last_trials={flag}"
-        result[f"median_{key}"] = {m: statistics.median(r[key][m] for r in result["replays"] if r[key][m] is not None)
-                                   for m in ("steps_ratio", "best_gap_pct")}
-    (OUT / "bench_search_asha_replay.json").write_text(json.dumps(result, indent=2))
-    lines = ["| search | steps ratio (as configured) | best gap % | stopped p>=0.4 | steps ratio "
-             "(stop_last_trials=False) | best gap % | stopped p>=0.4 |", "|---|---|---|---|---|---|---|"]
-    for r in result["replays"]:
-        a, b = r["stop_last_trials=True"], r["stop_last_trials=False"]
-        lines.append(f"| {r['search']} | {a['steps_ratio']} | {a['best_gap_pct']} | {a['stopped_p_ge_0.4']}/"
-                     f"{a['p_ge_0.4']} | {b['steps_ratio']} | {b['best_gap_pct']} | {b['stopped_p_ge_0.4']}/"
-                     f"{b['p_ge_0.4']} |")
-    lines += ["", "Replay check (ASHA searches replayed as configured; trials whose real status it reproduces): "
-              + ", ".join(f"{c['search']} {c['agree']}/{c['trials']}" for c in result["checks"])]
+    full = {e.name: histories(e) for e in sorted(storage.glob("*-full"))}
+    for grace in (int(g) for g in args.grace.split(",")):
+        for reduction in (float(r) for r in args.reduction.split(",")):
+            per_search = []
+            for name, hist in full.items():
+                steps = sum(h[-1]["train_steps_total"] for h in hist.values())
+                best = min(h[-1][METRIC] for h in hist.values())
+                r = replay(hist, grace, reduction)
+                per_search.append({"search": name, "steps_ratio": round(r["steps"] / steps, 3),
+                                   "best_gap_pct": None if r["best_val"] is None
+                                   else round(100 * (r["best_val"] / best - 1), 2), "completed": r["completed"]})
+            gaps = [p["best_gap_pct"] for p in per_search if p["best_gap_pct"] is not None]
+            result["sweep"].append({"grace": grace, "reduction": reduction, "rungs": asha_rungs(grace, reduction, MAX_PCT),
+                                    "median_steps_ratio": statistics.median(p["steps_ratio"] for p in per_search),
+                                    "median_best_gap_pct": statistics.median(gaps) if gaps else None,
+                                    "worst_best_gap_pct": max(gaps) if gaps else None, "per_search": per_search})
+    result["rung_vs_final_spearman"] = rung_correlation(list(full.values()), [20, 25, 30, 40, 50, 60, 70])
+    (OUT / "bench_search_asha_replay.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Replays of {len(full)} searches run without early stopping ({', '.join(full)}), two slots; "
+             "steps ratio = training steps with ASHA / without; gap = best completed validation ppl vs the "
+             "no-early-stopping best (target: ratio <= 0.5 at gap <= 2%).", "",
+             "| grace % | reduction | rungs | steps ratio (median) | best gap % (median) | worst gap % | per search "
+             "(ratio, gap %, completed) |", "|---|---|---|---|---|---|---|"]
+    for s in result["sweep"]:
+        detail = "; ".join(f"{p['steps_ratio']}, {p['best_gap_pct']}, {p['completed']}" for p in s["per_search"])
+        lines.append(f"| {s['grace']} | {s['reduction']:g} | {s['rungs']} | {s['median_steps_ratio']} | "
+                     f"{s['median_best_gap_pct']} | {s['worst_best_gap_pct']} | {detail} |")
+    lines += ["", "Rank correlation (Spearman) of a trial's validation ppl at a sparsity rung with its final one: "
+              + ", ".join(f"{rung}%: {rho}" for rung, rho in result["rung_vs_final_spearman"].items()),
+              "", "Replay check (ASHA searches replayed with grace 20, reduction 2; trials whose real status it "
+              "reproduces): " + ", ".join(f"{c['search']} {c['agree']}/{c['trials']}" for c in result["checks"])]
     (OUT / "bench_search_asha_replay.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
