@@ -12,7 +12,9 @@ rungs judged at interpolated values, `milestones.crossed_rungs`), for every (gra
 reduction factor) pair asked for, and compares the compute (training steps) and best
 completed validation perplexity with the search that ran everything. It also gives the rank
 correlation between a trial's value at each rung and its final value: how much an early
-rung can know. Replaying an ASHA search's own histories with its own settings must reproduce
+rung can know. Independent random searches concatenated are one larger random search, so the
+full searches pooled (in each rotation of their order) show how the savings grow with the
+budget, for grace 20 and 30 at reduction 2. Replaying an ASHA search's own histories with its own settings must reproduce
 its real stops: that checks the replay.
 Writes results/bench_search_asha_replay.json and .md beside this file.
 """
@@ -88,6 +90,22 @@ def rung_correlation(all_hist: list[dict[int, list[dict]]], rungs: list[int]) ->
     return {rung: round(float(spearmanr(*zip(*pairs)).statistic), 3) for rung, pairs in at.items() if len(pairs) > 2}
 
 
+def pooled_replays(all_hist: list[dict[int, list[dict]]]) -> list[dict]:
+    """The full searches concatenated, in each rotation of their order: larger random searches."""
+    rows = []
+    searches = [list(h.values()) for h in all_hist]
+    for start in range(len(searches)):
+        pooled = [reports for k in range(len(searches)) for reports in searches[(start + k) % len(searches)]]
+        hist = {i + 1: reports for i, reports in enumerate(pooled)}
+        steps = sum(h[-1]["train_steps_total"] for h in pooled)
+        best = min(h[-1][METRIC] for h in pooled)
+        for grace in (20, 30):
+            r = replay(hist, grace, REDUCTION_FACTOR)
+            rows.append({"trials": len(hist), "first": start, "grace": grace, "steps_ratio": round(r["steps"] / steps, 3),
+                         "best_gap_pct": None if r["best_val"] is None else round(100 * (r["best_val"] / best - 1), 2)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", type=Path, default=None)
@@ -119,6 +137,7 @@ def main() -> None:
                                     "median_steps_ratio": statistics.median(p["steps_ratio"] for p in per_search),
                                     "median_best_gap_pct": statistics.median(gaps) if gaps else None,
                                     "worst_best_gap_pct": max(gaps) if gaps else None, "per_search": per_search})
+    result["pooled"] = pooled_replays(list(full.values()))
     result["rung_vs_final_spearman"] = rung_correlation(list(full.values()), [20, 25, 30, 40, 50, 60, 70])
     (OUT / "bench_search_asha_replay.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Replays of {len(full)} searches run without early stopping ({', '.join(full)}), two slots; "
@@ -130,6 +149,10 @@ def main() -> None:
         detail = "; ".join(f"{p['steps_ratio']}, {p['best_gap_pct']}, {p['completed']}" for p in s["per_search"])
         lines.append(f"| {s['grace']} | {s['reduction']:g} | {s['rungs']} | {s['median_steps_ratio']} | "
                      f"{s['median_best_gap_pct']} | {s['worst_best_gap_pct']} | {detail} |")
+    lines += ["", "Pooled (the full searches concatenated: one random search of "
+              f"{result['pooled'][0]['trials'] if result['pooled'] else 0} trials, each rotation), steps ratio / gap %: "
+              + "; ".join(f"grace {p['grace']}, from search {p['first']}: {p['steps_ratio']} / {p['best_gap_pct']}"
+                          for p in result["pooled"])]
     lines += ["", "Rank correlation (Spearman) of a trial's validation ppl at a sparsity rung with its final one: "
               + ", ".join(f"{rung}%: {rho}" for rung, rho in result["rung_vs_final_spearman"].items()),
               "", "Replay check (ASHA searches replayed with grace 20, reduction 2; trials whose real status it "

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--max-concurrent", type=int, default=2)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     space = load_space(DEFAULT_SPACE)
     trials = completed_trials(args.storage, space)
     if len(trials) < 20:
