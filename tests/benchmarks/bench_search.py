@@ -85,7 +85,8 @@ def one_search(args, storage: Path, searcher: str, seed: int, asha: bool) -> dic
     """One search; keep what the report needs (rows in start order, chosen config, compute)."""
     name = f"{searcher}-seed{seed}-{'asha' if asha else 'full'}"
     settings = SearchSettings(searcher=searcher, seed=seed, num_samples=args.num_samples,
-                              max_concurrent=args.max_concurrent, early_stopping=asha, storage=str(storage), name=name)
+                              max_concurrent=args.max_concurrent, early_stopping=asha, storage=str(storage), name=name,
+                              grace_sparsity_pct=args.grace_sparsity_pct)
     report = run_search(settings)
     rows = sorted(report["rows"], key=trial_index)
     best = report["best"] or {}
@@ -242,7 +243,7 @@ def to_markdown(result: dict) -> str:
     """The table and the targets, in the style of the other benchmark results."""
     s, agg, t = result["settings"], result["summary"]["groups"], result["summary"]["targets"]
     lines = [f"{s['num_samples']} trials per search, search seeds {s['seeds']}, max_concurrent "
-             f"{s['max_concurrent']}, {result['meta']['machine']}, {result['meta']['date']}; total wall "
+             f"{s['max_concurrent']}, ASHA from {s.get('grace_sparsity_pct', 20)}% sparsity, {result['meta']['machine']}, {result['meta']['date']}; total wall "
              f"{result['wall_s'] / 60:.1f} min. val = validation ppl (what decides), test = the chosen "
              "configuration's test ppl (never used to choose). Plot: bench_search_curves.png", "",
              "| variant | final best val (median [min-max]) | test of chosen (median) | trials to reach random's "
@@ -290,6 +291,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--grace-sparsity-pct", type=int, default=SearchSettings.grace_sparsity_pct,
+                        help="ASHA's first rung (asha_replay.py shows what each rung can tell on this space)")
     parser.add_argument("--hand", choices=("full", "quick", "skip"), default="full",
                         help="hand recipes: full (p=0.1, 16 iterations x 3 epochs), quick (smoke runs) or skip")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -326,8 +329,8 @@ def main() -> None:
     import torch
 
     result = {
-        "settings": {"num_samples": args.num_samples, "seeds": sorted({s["seed"] for s in searches}), "max_concurrent":
-                     args.max_concurrent, "hand": args.hand, "space": load_space(DEFAULT_SPACE).to_dict(),
+        "settings": {"num_samples": args.num_samples, "grace_sparsity_pct": args.grace_sparsity_pct,
+                     "seeds": sorted({s["seed"] for s in searches}), "max_concurrent": args.max_concurrent, "hand": args.hand, "space": load_space(DEFAULT_SPACE).to_dict(),
                      "hand_recipes": {k: {**HAND_BASE, **v} for k, v in HAND.items()}},
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
                  "loadavg_1_5_15min_start": load_start, "loadavg_1_5_15min_end": os.getloadavg(),
