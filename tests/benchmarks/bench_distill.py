@@ -118,6 +118,12 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(kept: list[dict], rows: list[dict]) -> list[dict]:
+    """Older rows of the (model, target) cases this run has not measured again, then this run's."""
+    measured = {(r["model"], float(r["target"])) for r in rows}
+    return [*(r for r in kept if (r["model"], float(r["target"])) not in measured), *rows]
+
+
 def write(out: Path, rows: list[dict], meta: dict) -> None:
     """After every row, so a long run (the 135M rows take minutes each) keeps what it measured."""
     out.mkdir(parents=True, exist_ok=True)
@@ -136,9 +142,9 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[dict] = []
     previous = args.out / "bench_distill.json"
-    if args.append and previous.exists():
-        rerun = {(m, float(t)) for m in args.models.split(",") for t in args.targets.split(",")}
-        rows = [r for r in json.loads(previous.read_text())["rows"] if (r["model"], float(r["target"])) not in rerun]
+    # --append: an older row stays until this run has measured its (model, target) case again,
+    # so a run cut short never loses rows it did not get to.
+    kept = json.loads(previous.read_text())["rows"] if args.append and previous.exists() else []
     meta = {"smollm2_train": SMOLLM2_TRAIN, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
             "torch": torch.__version__, "command": "python tests/benchmarks/bench_distill.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "append"))
@@ -147,7 +153,7 @@ def main() -> None:
     def record(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write(args.out, rows, meta)
+        write(args.out, merged(kept, rows), meta)
 
     for case in model_cases(args.models.split(",")):
         for target in (float(t) for t in args.targets.split(",")):
@@ -164,7 +170,7 @@ def main() -> None:
                                dict(distill="none", epochs_per_iteration=epochs)))
         if "val_data" in case:  # the split texts of a shared-data model
             shutil.rmtree(Path(case["val_data"]).parent, ignore_errors=True)
-    print(to_markdown(rows, meta))
+    print(to_markdown(merged(kept, rows), meta))
 
 
 if __name__ == "__main__":

@@ -77,12 +77,15 @@ def best_alpha(base: dict, importance: str, alphas: list[float]) -> dict:
 
 
 def write(rows: list[dict], args, started: float) -> None:
-    """After every row, so an interrupted run keeps what it measured. With --append, the rows
-    already in the results file for other (model, method, target) cases are kept."""
+    """After every row, so an interrupted run keeps what it measured. With --append, a row
+    already in the results file stays until this run has measured its (model, method, target)
+    case again: a run cut short never loses an older row it did not get to."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [*args.kept_rows, *rows]
-    (out / "bench_profile.json").write_text(json.dumps({"rows": rows, "args": vars(args),
+    measured = {(r["model"], r["method"], float(r["target"])) for r in rows}
+    rows = [*(r for r in args.kept_rows if (r["model"], r["method"], float(r["target"])) not in measured), *rows]
+    recorded = {k: v for k, v in vars(args).items() if k != "kept_rows"}
+    (out / "bench_profile.json").write_text(json.dumps({"rows": rows, "args": recorded,
                                                         "wall_s": round(time.perf_counter() - started, 1)},
                                                        indent=2) + "\n")
     (out / "bench_profile.md").write_text(markdown(rows, args))
@@ -188,10 +191,7 @@ def main() -> None:
     args.kept_rows = []
     previous = Path(args.out) / "bench_profile.json"
     if args.append and previous.exists():
-        rerun = {(m, me, float(t)) for m in args.models.split(",") for me in args.methods.split(",")
-                 for t in args.targets.split(",")}
-        args.kept_rows = [r for r in json.loads(previous.read_text())["rows"]
-                          if (r["model"], r["method"], float(r["target"])) not in rerun]
+        args.kept_rows = json.loads(previous.read_text())["rows"]
     args.alphas = [float(a) for a in args.alphas.split(",")]
     # One thread: on a shared machine (load >> cores) a second thread made each forward pass 5-10x slower.
     torch.set_num_threads(args.threads)
