@@ -187,7 +187,7 @@ def test_search_writes_a_profile_that_prune_accepts_and_refuses_for_another_mode
     again = profile_main(_flags(model_dir, text_files, tmp_path / "again", "--profile-levels", "0.4:0.8:0.1",
                                 "--generations", "1", "--offspring", "2", "--fidelity", "1,2", "--no-compare",
                                 "--storage", str(out / "layer_db"), "--start", "best", "--start-alphas", "0.5,3",
-                                "--importance-samples", "2"))
+                                "--importance-samples", "2", "--rescore", "1"))
     assert again == 0
     second = json.loads((tmp_path / "again" / "profile_search.json").read_text())
     assert second["database"] == {"hit": 2}
@@ -195,6 +195,10 @@ def test_search_writes_a_profile_that_prune_accepts_and_refuses_for_another_mode
     assert set(kls) == {"uniform", "importance a=0.5", "importance a=3", "owl a=0.5", "owl a=3"}
     assert second["start"]["name"] == min(kls, key=kls.get) and second["kl"] <= min(kls.values()) + 1e-9
     assert second["kl_uniform"] == kls["uniform"]
+    # every start candidate is re-pruned too: the answer is never worse on validation than any of them
+    rescored_profiles = [r["profile"] for r in second["rescored"]]
+    assert all(p in rescored_profiles for p in second["start"]["candidates"].values())
+    assert second["profile"] == second["rescored"][0]["profile"]
     from_file = profile_main(_flags(model_dir, text_files, tmp_path / "from-file", "--profile-levels", "0.4:0.8:0.1",
                                     "--generations", "1", "--offspring", "2", "--fidelity", "1,2", "--no-compare",
                                     "--storage", str(out / "layer_db"), "--start", str(out / "best_profile.json")))

@@ -40,8 +40,9 @@ def build_profile_parser() -> argparse.ArgumentParser:
                    help="folder or URI of the layer database (the statistics cache; default --stats-cache, "
                         "else OUTPUT/layer_db)")
     g.add_argument("--rescore", type=int, default=0,
-                   help="prune the K best profiles sequentially (as launch/prune.py does) and keep the one with the "
-                        "best validation perplexity (default 0: the best KL)")
+                   help="prune the K best profiles sequentially (as launch/prune.py does), with every start "
+                        "candidate (--start best: uniform and each heuristic), and keep the one with the best "
+                        "validation perplexity (default 0: the best KL)")
     g.add_argument("--start", default=d.start, metavar="{uniform,best,FILE}",
                    help="where the search starts: uniform (every layer at the target); best (the lowest validation "
                         "KL among uniform and the importance / OWL profiles at --start-alphas); or a "

@@ -41,7 +41,7 @@ class ProfileOptions:
     workers: int = 0  # Ray actors scoring candidates (0: in-process)
     storage: str | None = None  # the database cache; default --stats-cache, else OUTPUT/layer_db
     compare: bool = True  # also compute importance / OWL profiles for the plot
-    rescore: int = 0  # re-prune the best K profiles sequentially and keep the best validation perplexity
+    rescore: int = 0  # re-prune the best K profiles and the start candidates sequentially; best validation ppl wins
     # Where the search starts: "uniform"; "best" (the lowest validation KL among uniform and the
     # importance / OWL profiles at each of start_alphas); or a layer-ratios JSON file.
     start: str = "uniform"
@@ -144,20 +144,22 @@ def heuristic_profiles(ctx, config: TrialConfig, sizes: list[int], alphas: list[
 
 def choose_start(options: ProfileOptions, config: TrialConfig, heuristics: dict[str, list[float]],
                  levels: list[float], sizes: list[int], evaluate, windows: int,
-                 fingerprint: str | None) -> tuple[str, list[int], dict[str, float]]:
-    """The profile the search starts from, snapped onto the grid at exactly the target. With
-    "best", every candidate is scored once at the highest fidelity on validation windows and the
-    lowest KL wins: the search then only has to improve on the best heuristic, not rediscover it."""
+                 fingerprint: str | None) -> tuple[str, list[int], dict[str, float], dict[str, list[int]]]:
+    """The profile the search starts from, snapped onto the grid at exactly the target, the KL of
+    each candidate and the candidates. With "best", every candidate is scored once at the highest
+    fidelity on validation windows and the lowest KL wins: the search then only has to improve
+    on the best heuristic, not rediscover it."""
     from raysparse.config.layer_ratios import check_layer_ratios, read_layer_ratios
 
     target_idx = target_index(levels, config.target_ratio)
     uniform = [target_idx] * len(sizes)
     if options.start == "uniform":
-        return "uniform", uniform, {}
+        return "uniform", uniform, {}, {"uniform": uniform}
     if options.start != "best":
         ratios = check_layer_ratios(read_layer_ratios(options.start), options.start, len(sizes), fingerprint, sizes,
                                     config.target_ratio)
-        return options.start, snap(ratios, levels, sizes, target_idx), {}
+        start = snap(ratios, levels, sizes, target_idx)
+        return options.start, start, {}, {options.start: start}
     candidates = {"uniform": uniform, **{name: snap(r, levels, sizes, target_idx) for name, r in heuristics.items()}}
     names = list(candidates)
     scores = evaluate([candidates[n] for n in names], windows)
@@ -165,7 +167,7 @@ def choose_start(options: ProfileOptions, config: TrialConfig, heuristics: dict[
     best = min(names, key=kls.__getitem__)
     logger.info("search starts from %s (validation KL %s)", best,
                 ", ".join(f"{n} {k:.4g}" for n, k in kls.items()))
-    return best, candidates[best], kls
+    return best, candidates[best], kls, candidates
 
 
 def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float], search: str) -> str:
@@ -263,7 +265,7 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     start_started = time.perf_counter()
     heuristics = (heuristic_profiles(ctx, config, sizes, options.alphas(config.alpha))
                   if options.compare or options.start == "best" else {})
-    start_name, start, start_kls = choose_start(options, config, heuristics, levels, sizes, evaluate, fidelities[-1],
+    start_name, start, start_kls, start_candidates = choose_start(options, config, heuristics, levels, sizes, evaluate, fidelities[-1],
                                                 fingerprint)
     start_s = time.perf_counter() - start_started  # importance / OWL scores and one KL per candidate
     search_started = time.perf_counter()
@@ -283,10 +285,13 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     rescored = []
     if options.rescore:
         candidates = result.top(options.rescore)
-        if all(profile != start for profile, _ in candidates):
-            # the start (uniform, a heuristic or a saved profile) competes too: the answer is never worse on
-            # validation perplexity than where the search began
-            candidates.append((start, result.scored.get(tuple(start), float("nan"))))
+        # Every start candidate competes too (uniform, each heuristic the start was chosen from, or
+        # the saved profile): KL picked the start on assembled models, but what decides is the
+        # validation perplexity of the sequential prune, so the answer is never worse there than
+        # any profile the search could have begun from.
+        for name, profile in start_candidates.items():
+            if all(profile != seen for seen, _ in candidates):
+                candidates.append((profile, result.scored.get(tuple(profile), start_kls.get(name, float("nan")))))
         rescored = rescore(ctx, config, assembler, candidates, levels)
     if rescored:
         result.best, result.fitness = rescored[0]["profile"], rescored[0]["kl"]
@@ -296,7 +301,8 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         "options": asdict(options), "layer_ratios": ratios, "profile": result.best,
         "total_sparsity": total_sparsity(result.best, levels, sizes), "kl": result.fitness, "kl_uniform": uniform_kl,
         "curve": result.curve, "evaluations": {str(k): v for k, v in result.evaluations.items()},
-        "start": {"name": start_name, "profile": start, "kl": start_kls or None, "s": round(start_s, 3)}, "rescored": rescored,
+        "start": {"name": start_name, "profile": start, "kl": start_kls or None, "candidates": start_candidates,
+                  "s": round(start_s, 3)}, "rescored": rescored,
         "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
         "search_s": round(search_s, 3), "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
     }
