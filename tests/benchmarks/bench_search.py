@@ -13,7 +13,8 @@ On the default space (tiny preset, iterative pruning to 80%, masked recovery):
     several search seeds, ASHA on: the best-so-far validation perplexity per trial started;
 (2) random search with ASHA off for the same seeds: a seeded random sampler draws the same
     configurations whatever the scheduler does, so the two differ only in early stopping;
-(3) the hand recipes users run today (p=0.1, 3 epochs per iteration, uniform, lr 1e-5 and 1e-3).
+(3) TPE with ASHA off for the same seeds (does stopping at early rungs mislead the model?);
+(4) the hand recipes users run today (p=0.1, 3 epochs per iteration, uniform, lr 1e-5 and 1e-3).
 Searches decide on validation text; the chosen configuration's test perplexity comes from
 the search's final evaluation, the hand recipes' from `run_trial` (report_test is on).
 Writes results/bench_search.json, .md and bench_search_curves.png beside this file.
@@ -41,7 +42,8 @@ from raysparse.trial.runner import run_trial
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
 # (searcher, ASHA): an equal budget for the three samplers; random also without early stopping.
-VARIANTS = (("optuna", True), ("random", True), ("random", False), ("qmc", True))
+# TPE without early stopping: does ASHA's stopping at uninformative early rungs mislead TPE?
+VARIANTS = (("optuna", True), ("random", True), ("random", False), ("qmc", True), ("optuna", False))
 HAND = {"hand p=0.1, 3 ep, lr 1e-5 (seed 001)": dict(lr=1e-5),
         "hand p=0.1, 3 ep, lr 1e-3": dict(lr=1e-3)}
 HAND_BASE = dict(method="magnitude", prune_percentage=0.1, epochs_per_iteration=3, pruning_strategy="uniform")
@@ -308,9 +310,9 @@ def main() -> None:
     hand = json.loads(hand_file.read_text()) if hand_file.is_file() else None
     searches = json.loads(searches_file.read_text()) if searches_file.is_file() else []
     done = {s["name"] for s in searches}
-    # Variant by variant in the order of VARIANTS (TPE, random, random without ASHA, Sobol): a run
-    # cut short (on a loaded 2-core machine a search takes 5-15 min) still holds the comparisons
-    # the targets are about for every seed, and --resume finishes the rest.
+    # Variant by variant in the order of VARIANTS (TPE, random, random without ASHA, Sobol, TPE
+    # without ASHA): a run cut short (on a loaded 2-core machine a search takes 5-15 min) still
+    # holds the comparisons the targets are about for every seed, and --resume finishes the rest.
     wanted = set(args.variants.split(","))
     plan = [(searcher, seed, asha) for searcher, asha in VARIANTS for seed in range(args.seeds)
             if f"{searcher}-{'asha' if asha else 'full'}" in wanted
