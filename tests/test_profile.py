@@ -193,12 +193,18 @@ def test_search_writes_a_profile_that_prune_accepts_and_refuses_for_another_mode
     assert second["database"] == {"hit": 2}
     kls = second["start"]["kl"]  # every heuristic scored once on validation; the lowest is the start
     assert set(kls) == {"uniform", "importance a=0.5", "importance a=3", "owl a=0.5", "owl a=3"}
-    assert second["start"]["name"] == min(kls, key=kls.get) and second["kl"] <= min(kls.values()) + 1e-9
+    assert second["start"]["name"] == min(kls, key=kls.get) and second["searched"]["kl"] <= min(kls.values()) + 1e-9
     assert second["kl_uniform"] == kls["uniform"]
-    # every start candidate is re-pruned too: the answer is never worse on validation than any of them
-    rescored_profiles = [r["profile"] for r in second["rescored"]]
-    assert all(p in rescored_profiles for p in second["start"]["candidates"].values())
-    assert second["profile"] == second["rescored"][0]["profile"]
+    # every start candidate is re-pruned too, on the grid and each heuristic as it is: the answer
+    # is never worse on validation than any of them
+    rescored = second["rescored"]
+    assert all(p in [r["profile"] for r in rescored] for p in second["start"]["candidates"].values())
+    off_grid = {r["name"] for r in rescored if r["profile"] is None}
+    assert off_grid and off_grid <= set(kls) - {"uniform"}
+    assert second["chosen"] == rescored[0]["name"] and second["layer_ratios"] == rescored[0]["ratios"]
+    assert rescored[0]["val_ppl"] == min(r["val_ppl"] for r in rescored)
+    assert all(r["kl_pruned"] > 0 for r in rescored) and second["rescore_s"] > 0
+    assert second["total_sparsity"] == pytest.approx(0.6, abs=0.01)
     from_file = profile_main(_flags(model_dir, text_files, tmp_path / "from-file", "--profile-levels", "0.4:0.8:0.1",
                                     "--generations", "1", "--offspring", "2", "--fidelity", "1,2", "--no-compare",
                                     "--storage", str(out / "layer_db"), "--start", str(out / "best_profile.json")))

@@ -80,9 +80,15 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
         return fail("interrupted", code=EXIT_INTERRUPTED)
     print(f"profile          {' '.join(f'{r:.2f}' for r in record['layer_ratios'])}")
     print(f"total sparsity   {record['total_sparsity']:.4f} (target {record['target']})")
-    print(f"KL to dense      {record['kl']:.5g} (uniform {record['kl_uniform']:.5g}, validation; "
+    kl = "off the grid" if record["kl"] is None else f"{record['kl']:.5g}"
+    print(f"KL to dense      {kl} assembled (uniform {record['kl_uniform']:.5g}, validation; "
           f"started from {record['start']['name']})")
-    print(f"database         {record['database_s']:.1f}s {record['database']}; search {record['search_s']:.1f}s")
+    if record["rescored"]:
+        best = record["rescored"][0]
+        print(f"chosen           {record['chosen']}: validation perplexity {best['val_ppl']:.4g}, KL "
+              f"{best['kl_pruned']:.5g} after the sequential prune ({len(record['rescored'])} re-pruned)")
+    print(f"database         {record['database_s']:.1f}s {record['database']}; search {record['search_s']:.1f}s"
+          f"; rescoring {record['rescore_s']:.1f}s")
     if config.output:
         print(f"best profile     {config.output}/best_profile.json (launch/prune.py --layer-ratios FILE)")
         print(f"plot             {record.get('plot')}")

@@ -18,7 +18,7 @@ import torch
 from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
-from raysparse.profile.levels import parse_levels, snap, target_index, total_sparsity
+from raysparse.profile.levels import parse_levels, snap, target_index
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ProfileOptions:
     workers: int = 0  # Ray actors scoring candidates (0: in-process)
     storage: str | None = None  # the database cache; default --stats-cache, else OUTPUT/layer_db
     compare: bool = True  # also compute importance / OWL profiles for the plot
-    rescore: int = 0  # re-prune the best K profiles and the start candidates sequentially; best validation ppl wins
+    rescore: int = 0  # re-prune the best K profiles and every start candidate sequentially; best validation ppl wins
     # Where the search starts: "uniform"; "best" (the lowest validation KL among uniform and the
     # importance / OWL profiles at each of start_alphas); or a layer-ratios JSON file.
     start: str = "uniform"
@@ -193,21 +193,45 @@ def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float],
     return str(path)
 
 
-def rescore(ctx, config: TrialConfig, assembler, candidates: list[tuple[list[int], float]],
-            levels: list[float]) -> list[dict[str, Any]]:
+def rescore(ctx, config: TrialConfig, assembler, candidates: list[dict[str, Any]], windows: torch.Tensor,
+            reference: torch.Tensor) -> list[dict[str, Any]]:
     """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
     rank them by validation perplexity: the search ranks *assembled* models, whose order the
-    sequential prune does not always keep. Best first."""
+    sequential prune does not always keep. Each row also gets the pruned model's own KL on the
+    search's validation windows (`kl_pruned`), comparable across on- and off-grid candidates.
+    Best first."""
+    from raysparse.profile.fitness import kl_to_reference
     from raysparse.prune import prune
 
     rows = []
-    for profile, kl in candidates:
+    for candidate in candidates:
         assembler.restore_dense()
-        prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, [levels[i] for i in profile])
-        rows.append({"profile": profile, "kl": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
-        logger.info("rescored %s: KL %.4g, validation perplexity %.4g", profile, kl, rows[-1]["val_ppl"])
+        prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, candidate["ratios"])
+        kl = kl_to_reference(ctx.loaded.model, windows, reference, windows.shape[0], config.eval_batch_size,
+                             ctx.device)
+        rows.append({**candidate, "kl_pruned": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
+        logger.info("rescored %s: KL %.4g after the prune, validation perplexity %.4g", candidate["name"], kl,
+                    rows[-1]["val_ppl"])
     assembler.restore_dense()
     return sorted(rows, key=lambda row: row["val_ppl"])
+
+
+def rescore_candidates(result, options: ProfileOptions, levels: list[float], start_candidates: dict[str, list[int]],
+                       start_kls: dict[str, float], unsnapped: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """The search's best K, and every profile it could have begun from, on the grid and as it
+    is (heuristic ratios off the grid): KL picked the start on assembled models, but what
+    decides is the validation perplexity of the sequential prune, so the answer is never worse
+    there than any of them — nor than the best heuristic itself."""
+    rows = [{"name": f"searched #{i + 1}", "profile": profile, "ratios": [levels[j] for j in profile], "kl": kl}
+            for i, (profile, kl) in enumerate(result.top(options.rescore))]
+    for name, profile in start_candidates.items():
+        if all(profile != row["profile"] for row in rows):
+            rows.append({"name": f"{name} on the grid", "profile": profile, "ratios": [levels[j] for j in profile],
+                         "kl": result.scored.get(tuple(profile), start_kls.get(name))})
+    for name, ratios in unsnapped.items():
+        if all(any(abs(a - b) > 1e-9 for a, b in zip(ratios, row["ratios"])) for row in rows):
+            rows.append({"name": name, "profile": None, "ratios": list(ratios), "kl": None})
+    return rows
 
 
 def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
@@ -282,39 +306,39 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         import ray
 
         ray.shutdown()
-    rescored = []
+    rescored, rescore_s = [], 0.0
     if options.rescore:
-        candidates = result.top(options.rescore)
-        # Every start candidate competes too (uniform, each heuristic the start was chosen from, or
-        # the saved profile): KL picked the start on assembled models, but what decides is the
-        # validation perplexity of the sequential prune, so the answer is never worse there than
-        # any profile the search could have begun from.
-        for name, profile in start_candidates.items():
-            if all(profile != seen for seen, _ in candidates):
-                candidates.append((profile, result.scored.get(tuple(profile), start_kls.get(name, float("nan")))))
-        rescored = rescore(ctx, config, assembler, candidates, levels)
-    if rescored:
-        result.best, result.fitness = rescored[0]["profile"], rescored[0]["kl"]
-    ratios = [levels[i] for i in result.best]
+        rescore_started = time.perf_counter()
+        unsnapped = dict(heuristics) if options.start == "best" else {}
+        candidates = rescore_candidates(result, options, levels, start_candidates, start_kls, unsnapped)
+        rescored = rescore(ctx, config, assembler, candidates, windows, reference)
+        rescore_s = time.perf_counter() - rescore_started
+    chosen = rescored[0] if rescored else {"name": "searched #1", "profile": result.best,
+                                           "ratios": [levels[i] for i in result.best], "kl": result.fitness}
+    ratios = chosen["ratios"]
     record: dict[str, Any] = {
         "model": config.model, "method": config.method, "target": config.target_ratio, "levels": levels,
-        "options": asdict(options), "layer_ratios": ratios, "profile": result.best,
-        "total_sparsity": total_sparsity(result.best, levels, sizes), "kl": result.fitness, "kl_uniform": uniform_kl,
+        "options": asdict(options), "layer_ratios": ratios, "chosen": chosen["name"],
+        "profile": chosen["profile"],  # level indices; None when a heuristic off the grid won the rescoring
+        "total_sparsity": sum(r * n for r, n in zip(ratios, sizes)) / sum(sizes),
+        "kl": chosen["kl"], "kl_pruned": chosen.get("kl_pruned"), "kl_uniform": uniform_kl,
+        "searched": {"profile": result.best, "kl": result.fitness},  # the search's own best, before rescoring
         "curve": result.curve, "evaluations": {str(k): v for k, v in result.evaluations.items()},
         "start": {"name": start_name, "profile": start, "kl": start_kls or None, "candidates": start_candidates,
                   "s": round(start_s, 3)}, "rescored": rescored,
         "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
-        "search_s": round(search_s, 3), "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
+        "search_s": round(search_s, 3), "rescore_s": round(rescore_s, 3), "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
     }
     profiles = {"uniform": [config.target_ratio] * len(layers)}
     if options.compare:
         profiles.update(heuristics)
-    profiles["searched"] = ratios
+    profiles[f"chosen ({chosen['name']})"] = ratios
     record["profiles"] = profiles
     if config.output:
         out = Path(config.output)
         write_layer_ratios(out / "best_profile.json", ratios, config.model, fingerprint, config.target_ratio,
-                           method=config.method, kl=result.fitness, kl_uniform=uniform_kl, levels=levels)
+                           method=config.method, kl=chosen["kl"], kl_uniform=uniform_kl, levels=levels,
+                           chosen=chosen["name"])
         record["plot"] = write_plot(out / "profile.png", profiles, result.curve, options.search)
         write_json_atomic(out / "profile_search.json", record)
     return record

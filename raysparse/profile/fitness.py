@@ -27,6 +27,22 @@ def log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, de
     return torch.cat(out)
 
 
+@torch.no_grad()
+def kl_to_reference(model: torch.nn.Module, windows: torch.Tensor, reference: torch.Tensor, n: int,
+                    batch_size: int, device: torch.device) -> float:
+    """Mean per-token KL(dense || model) over the first `n` windows; `reference` is the dense
+    model's `log_probs` on the same windows."""
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        logits = model(input_ids=windows[start:stop].to(device), use_cache=False).logits
+        mine = F.log_softmax(logits.float(), dim=-1).cpu()
+        ref = reference[start:stop]
+        total += float((ref.exp() * (ref - mine)).sum())
+        count += ref.shape[0] * ref.shape[1]
+    return total / count
+
+
 class ProfileEvaluator:
     """Assembles profiles into one model and scores them against the dense reference."""
 
@@ -37,19 +53,10 @@ class ProfileEvaluator:
         self.assembler = ProfileAssembler(get_adapter(model), database)
         self.windows, self.reference, self.batch_size = windows, reference, batch_size
 
-    @torch.no_grad()
     def kl(self, profile: Sequence[int], windows: int) -> float:
         """Mean per-token KL(dense || assembled) over the first `windows` validation windows."""
         self.assembler.apply(profile)
-        total, count = 0.0, 0
-        for start in range(0, windows, self.batch_size):
-            stop = min(start + self.batch_size, windows)
-            logits = self.model(input_ids=self.windows[start:stop].to(self.device), use_cache=False).logits
-            mine = F.log_softmax(logits.float(), dim=-1).cpu()
-            ref = self.reference[start:stop]
-            total += float((ref.exp() * (ref - mine)).sum())
-            count += ref.shape[0] * ref.shape[1]
-        return total / count
+        return kl_to_reference(self.model, self.windows, self.reference, windows, self.batch_size, self.device)
 
     def kl_many(self, profiles: Sequence[Sequence[int]], windows: int) -> list[float]:
         return [self.kl(p, windows) for p in profiles]

@@ -120,7 +120,11 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
                                "database_s": record["database_s"], "database": record["database"],
                                "search_s": record["search_s"], "evaluations": record["evaluations"],
                                "start": record["start"]["name"], "start_kl": record["start"]["kl"],
-                               "search_over_prune": round((record["database_s"] + record["start"]["s"] + record["search_s"])
+                               "chosen": record.get("chosen"), "rescore_s": record.get("rescore_s"),
+                               "rescored": [{k: r[k] for k in ("name", "kl", "kl_pruned", "val_ppl")}
+                                            for r in record.get("rescored", [])],
+                               "search_over_prune": round((record["database_s"] + record["start"]["s"] + record["search_s"]
+                                                           + record.get("rescore_s", 0.0))
                                                           / prune_s, 1)}
             heuristics = min(row["uniform"]["test_ppl"], row["importance"]["test_ppl"], row["owl"]["test_ppl"])
             row["searched_vs_best_heuristic"] = round(1 - searched["test_ppl"] / heuristics, 4)
@@ -150,8 +154,9 @@ def markdown(rows: list[dict], args) -> str:
              "Test perplexity after one-shot pruning (lower is better); alpha and the searched profile chosen on "
              "validation only. `gain` = 1 - searched / best heuristic (uniform, importance, OWL).", "",
              "| model | method | target | uniform | importance (alpha) | OWL (alpha) | searched | gain | "
-             "KL uniform -> searched (val) | started from | search / one prune | db build s | db reload s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "KL uniform -> searched (val) | started from | chosen by rescoring | search / one prune | db build s | "
+             "db reload s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["searched"]
         reuse = r.get("database_reuse", {})
@@ -159,7 +164,8 @@ def markdown(rows: list[dict], args) -> str:
             f"| {r['model']} | {r['method']} | {r['target']} | {r['uniform']['test_ppl']:.2f} | "
             f"{r['importance']['test_ppl']:.2f} ({r['importance']['alpha']}) | {r['owl']['test_ppl']:.2f} "
             f"({r['owl']['alpha']}) | {s['test_ppl']:.2f} | {100 * r['searched_vs_best_heuristic']:+.1f}% | "
-            f"{s['kl_uniform']:.3f} -> {s['kl']:.3f} | {s.get('start', 'uniform')} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
+            f"{s['kl_uniform']:.3f} -> {'off-grid' if s['kl'] is None else format(s['kl'], '.3f')} | "
+            f"{s.get('start', 'uniform')} | {s.get('chosen', '-')} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
             f"{reuse.get('reload_s', '')} |")
     return "\n".join(lines) + "\n"
 

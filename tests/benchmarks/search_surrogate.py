@@ -67,16 +67,39 @@ def encode(space: SearchSpace, params: dict) -> list[float]:
     return row
 
 
+def results_trials(path: Path, space: SearchSpace) -> list[tuple[dict, float]]:
+    """The same, from a bench_search.json (whose storage folder may be gone)."""
+    seen: dict[str, tuple[dict, float]] = {}
+    for search in json.loads(path.read_text())["searches"]:
+        for trial in search["trials"]:
+            if trial["status"] == "completed" and trial.get("val_ppl") is not None:
+                params = {k: v for k, v in trial.items() if k in space.params}
+                seen[json.dumps(params, sort_keys=True)] = (params, float(trial["val_ppl"]))
+    return list(seen.values())
+
+
+def sampler_for(space: SearchSpace, variant: str, seed: int, budget: int, batch: int):
+    """`random`, `qmc`, `optuna` (the product's samplers) or TPE with another start-up count,
+    `optuna:start=4`. (Optuna 5's TPE already lies about running trials: constant_liar is on.)"""
+    searcher, _, start = variant.partition(":start=")
+    settings = SearchSettings(searcher=searcher, seed=seed, num_samples=budget, max_concurrent=batch,
+                              startup_trials=int(start) if start else None)
+    return make_sampler(space, settings)
+
+
 def simulate(model, space: SearchSpace, searcher: str, budget: int, seed: int, noise: float, batch: int) -> list[float]:
     """Best-so-far curve of one search on the surrogate, asked and told in batches like Tune."""
-    settings = SearchSettings(searcher=searcher, seed=seed, num_samples=budget, max_concurrent=batch)
-    study = optuna.create_study(sampler=make_sampler(space, settings))
+    study = optuna.create_study(sampler=sampler_for(space, searcher, seed, budget, batch))
     suggest, rng = space.optuna_define_by_run(), np.random.default_rng(10_000 + seed)
     curve, best = [], math.inf
     while len(curve) < budget:
-        trials = [study.ask() for _ in range(min(batch, budget - len(curve)))]
+        # Tune's OptunaSearch asks for a trial and samples its parameters when it starts it,
+        # while the others still run: every trial of a batch is sampled before any is told.
+        trials = []
+        for _ in range(min(batch, budget - len(curve))):
+            trials.append(study.ask())
+            suggest(trials[-1])
         for trial in trials:
-            suggest(trial)
             value = float(np.exp(model.predict([encode(space, trial.params)])[0] + rng.normal(0.0, noise)))
             study.tell(trial, value)
             best = min(best, value)
@@ -86,7 +109,11 @@ def simulate(model, space: SearchSpace, searcher: str, budget: int, seed: int, n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", type=Path, required=True, help="a bench_search storage folder")
+    parser.add_argument("--storage", type=Path, help="a bench_search storage folder")
+    parser.add_argument("--results", type=Path, action="append", default=[],
+                        help="a bench_search.json (repeatable): its completed trials join the storage's")
+    parser.add_argument("--tpe-variants", default="",
+                        help="extra TPE settings to compare, e.g. 'optuna:start=4;optuna:start=12' (';'-separated)")
     parser.add_argument("--budgets", default="16,24,32")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--max-concurrent", type=int, default=2)
@@ -94,10 +121,14 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     space = load_space(DEFAULT_SPACE)
-    trials = completed_trials(args.storage, space)
+    trials = completed_trials(args.storage, space) if args.storage else []
+    for path in args.results:
+        trials += results_trials(path, space)
+    trials = list({json.dumps(p, sort_keys=True): (p, v) for p, v in reversed(trials)}.values())
     if len(trials) < 20:
-        raise SystemExit(f"{args.storage}: {len(trials)} completed configurations; the surrogate needs at least 20 "
-                         "(run bench_search.py first and pass its storage folder)")
+        raise SystemExit(f"{len(trials)} completed configurations; the surrogate needs at least 20 "
+                         "(run bench_search.py first and pass its --storage folder or its --results JSON)")
+    variants = [v for v in args.tpe_variants.split(";") if v]
     x = np.array([encode(space, p) for p, _ in trials])
     y = np.log([v for _, v in trials])
     model = ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, random_state=0)
@@ -112,16 +143,16 @@ def main() -> None:
     for noise in (0.0, round(residual, 4)):
         for budget in (int(b) for b in args.budgets.split(",")):
             curves = {s: [simulate(model, space, s, budget, seed, noise, args.max_concurrent) for seed in range(args.seeds)]
-                      for s in ("random", "qmc", "optuna")}
+                      for s in ("random", "qmc", "optuna", *variants)}
             median = {s: [statistics.median(c[i] for c in cs) for i in range(budget)] for s, cs in curves.items()}
             target = median["random"][-1]
             for s, m in median.items():
                 reach = next((i + 1 for i, v in enumerate(m) if v <= target), None)
                 rows.append({"noise": noise, "budget": budget, "searcher": s, "final_median": round(m[-1], 2),
                              "reach_random_final": reach, "limit": round(0.6 * budget, 1),
-                             "met": s == "optuna" and reach is not None and reach <= 0.6 * budget and m[-1] <= target})
-            print(json.dumps(rows[-3:]), flush=True)
-    result = {"storage": str(args.storage), "seeds": args.seeds, "max_concurrent": args.max_concurrent,
+                             "met": s.startswith("optuna") and reach is not None and reach <= 0.6 * budget and m[-1] <= target})
+            print(json.dumps(rows[-len(median):]), flush=True)
+    result = {"storage": str(args.storage), "results": [str(p) for p in args.results], "variants": variants, "seeds": args.seeds, "max_concurrent": args.max_concurrent,
               "surrogate": fit, "rows": rows}
     (OUT / "bench_search_surrogate.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Surrogate of the default space from {fit['configurations']} configurations run to the end "
@@ -138,6 +169,13 @@ def main() -> None:
             lines.append(f"| {noise} | {budget} | {cell['random']['final_median']} | {cell['qmc']['final_median']} "
                          f"({cell['qmc']['reach_random_final']}) | {tpe['final_median']} | {tpe['reach_random_final']} | "
                          f"{tpe['limit']} | {'met' if tpe['met'] else 'not met'} |")
+    if variants:
+        lines += ["", "TPE settings compared on the same surrogate (same seeds; `reach` as above):", "",
+                  "| noise | budget | sampler | final | reach | (a) |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["searcher"].startswith("optuna"):
+                lines.append(f"| {r['noise']} | {r['budget']} | {r['searcher']} | {r['final_median']} | "
+                             f"{r['reach_random_final']} | {'met' if r['met'] else 'not met'} |")
     lines += ["", "Parameter importance in the surrogate: "
               + ", ".join(f"{k} {v}" for k, v in sorted(fit["importance"].items(), key=lambda kv: -kv[1]))]
     (OUT / "bench_search_surrogate.md").write_text("\n".join(lines) + "\n")
