@@ -3,6 +3,8 @@
 Run after bench_search.py (reads the trials it left in its storage):
 
     python tests/benchmarks/search_surrogate.py --storage DIR [--budgets 16,24,32] [--seeds 20]
+    python tests/benchmarks/search_surrogate.py --results tests/benchmarks/results/bench_search.json \
+        [--tpe-variants 'optuna:start=4;optuna:start=12']
 
 Real searches cost minutes per trial batch, so three search seeds per sampler are all
 bench_search can afford, and their medians are noisy. This fits a surrogate of the default
@@ -13,6 +15,8 @@ many times, in batches of `max_concurrent` as Tune asks them, with Gaussian nois
 log-perplexity (none, and the surrogate's own cross-validated residual: the landscape's
 roughness it cannot explain). It answers the question bench_search's target (a) asks —
 trials for TPE's median best-so-far to reach random's final median — at several budgets.
+`--results` fits from a bench_search.json instead (its trials are recorded there, so the
+storage folder is not needed); `--tpe-variants` adds TPE with other start-up counts.
 It is a model of the landscape, not a measurement: bench_search's real runs decide.
 Writes results/bench_search_surrogate.json and .md beside this file.
 """
