@@ -17,10 +17,10 @@ SPACE = {"fixed": {"model": "tiny", "schedule": "iterative", "sparsity": 0.8, "r
                     "alpha": {"uniform": [0.5, 2.0], "when": {"pruning_strategy": "inverse"}}}}
 
 
-def make_search():
+def make_search(**kwargs):
     space = parse_space(SPACE, source="test space")
     search = milestone_optuna_search_class()(space=space.optuna_define_by_run(), metric="val_ppl", mode="min",
-                                             sampler=optuna.samplers.RandomSampler(seed=0))
+                                             sampler=optuna.samplers.RandomSampler(seed=0), **kwargs)
     return search
 
 
@@ -33,15 +33,22 @@ def test_intermediate_values_reach_optuna_at_the_sparsity_milestone():
     assert trial.intermediate_values == {25: 30.0, 43: 35.0, 80: 50.0}  # steps are milestones, not iterations
 
 
-def test_a_trial_stopped_before_its_last_step_is_pruned_and_a_finished_one_complete():
-    search = make_search()
+@pytest.mark.parametrize("stopped, state", [("pruned", optuna.trial.TrialState.PRUNED),
+                                            ("ignore", optuna.trial.TrialState.FAIL)])
+def test_a_trial_stopped_before_its_last_step_is_pruned_and_a_finished_one_complete(stopped, state):
+    search = make_search(stopped=stopped)
     search.suggest("stopped")
     search.suggest("finished")
     search.on_trial_result("stopped", {"val_ppl": 40.0, "sparsity_pct": 25, "training_iteration": 1})
     search.on_trial_complete("stopped", {"val_ppl": 40.0, "sparsity_pct": 25, "completed": False})
     search.on_trial_complete("finished", {"val_ppl": 45.0, "sparsity_pct": 80, "completed": True})
     states = {t.number: t.state for t in search._ot_study.trials}
-    assert states == {0: optuna.trial.TrialState.PRUNED, 1: optuna.trial.TrialState.COMPLETE}
+    assert states == {0: state, 1: optuna.trial.TrialState.COMPLETE}
+    if stopped == "ignore":  # TPE models only what finished: the stopped trial is not among its trials
+        tpe_seen = search._ot_study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+        assert [t.number for t in tpe_seen] == [1]
+    settings = SearchSettings(stopped_trials=stopped)
+    assert _make_searcher(parse_space(SPACE, source="test space"), settings).searcher._stopped_state == state
 
 
 def test_tpe_models_conditional_parameters_jointly_and_starts_modelling_within_the_budget(tmp_path):

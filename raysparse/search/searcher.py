@@ -24,7 +24,10 @@ def milestone_optuna_search_class():
       PRUNED trial by its deepest step first, so with iteration steps a trial with a small
       prune percentage (many iterations) looked better just for being slow.
     - Tune reports an ASHA-stopped trial as complete with its partial value, which misleads
-      TPE into treating a 55%-sparse perplexity as a final one: it is told PRUNED instead.
+      TPE into treating a 55%-sparse perplexity as a final one: it is told PRUNED instead, or
+      FAIL with `stopped="ignore"`. TPE ranks PRUNED trials below every finished one, so where
+      the first rung does not rank the final result (asha_replay.py: the default space at
+      20%), ASHA's near-random stops teach TPE noise; FAIL trials it leaves out.
     Both touch OptunaSearch's private `_ot_trials`/`_ot_study`/`_completed_trials` (pinned by
     a test against the installed Ray and Optuna).
     """
@@ -32,9 +35,11 @@ def milestone_optuna_search_class():
     from ray.tune.search.optuna import OptunaSearch
 
     class MilestoneOptunaSearch(OptunaSearch):
-        def __init__(self, *args: Any, rungs: list[int] | None = None, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, rungs: list[int] | None = None, stopped: str = "pruned",
+                     **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._rungs = rungs
+            self._stopped_state = TrialState.FAIL if stopped == "ignore" else TrialState.PRUNED
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if isinstance(self.metric, list) or trial_id in self._completed_trials:
@@ -49,7 +54,7 @@ def milestone_optuna_search_class():
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if result and not error and not result.get("completed") and trial_id not in self._completed_trials:
-                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                self._ot_study.tell(self._ot_trials[trial_id], state=self._stopped_state)
                 self._completed_trials.add(trial_id)
                 return
             super().on_trial_complete(trial_id, result, error)
@@ -96,6 +101,7 @@ def _make_searcher(space: SearchSpace, settings: SearchSettings):
         space=space.optuna_define_by_run(), metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
         rungs=asha_rungs(settings.grace_sparsity_pct, REDUCTION_FACTOR, MAX_PCT) if asha else None,
+        stopped=settings.stopped_trials,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
 

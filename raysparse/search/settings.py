@@ -63,6 +63,10 @@ class SearchSettings:
                                    "(--no-early-stopping: every trial runs to the end)")
     grace_sparsity_pct: int = setting(20, "first ASHA milestone, in percent sparsity", within="[1, 100)",
                                       fix="it is the sparsity in percent at which ASHA first compares trials, e.g. 20")
+    stopped_trials: str = setting("pruned", "what TPE learns from a trial ASHA stopped: pruned (Optuna's PRUNED, "
+                                  "ranked below every finished trial) or ignore (told FAIL: only finished trials "
+                                  "shape its model; for spaces whose early milestones do not rank the final "
+                                  "result)", choices=("pruned", "ignore"))
     searcher: str = setting("optuna", "optuna (TPE, NSGA-II for two objectives), random (the baseline a "
                             "model-based search must beat) or qmc (a scrambled Sobol design)",
                             choices=("optuna", "random", "qmc"))

@@ -43,7 +43,11 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
 # (searcher, ASHA): an equal budget for the three samplers; random also without early stopping.
 # TPE without early stopping: does ASHA's stopping at uninformative early rungs mislead TPE?
-VARIANTS = (("optuna", True), ("random", True), ("random", False), ("qmc", True), ("optuna", False))
+# (searcher, mode): asha (early stopping; stopped trials told PRUNED), full (no early stopping),
+# ignore (ASHA, stopped trials told FAIL so TPE models only finished ones: --stopped-trials ignore)
+VARIANTS = (("optuna", "asha"), ("random", "asha"), ("random", "full"), ("qmc", "asha"), ("optuna", "full"),
+            ("optuna", "ignore"))
+MODE_LABELS = {"asha": "ASHA", "full": "no early stopping", "ignore": "ASHA, stopped trials ignored"}
 HAND = {"hand p=0.1, 3 ep, lr 1e-5 (seed 001)": dict(lr=1e-5),
         "hand p=0.1, 3 ep, lr 1e-3": dict(lr=1e-3)}
 HAND_BASE = dict(method="magnitude", prune_percentage=0.1, epochs_per_iteration=3, pruning_strategy="uniform")
@@ -83,18 +87,19 @@ def tune_trial_seconds(experiment: str) -> float:
     return total
 
 
-def one_search(args, storage: Path, searcher: str, seed: int, asha: bool) -> dict:
+def one_search(args, storage: Path, searcher: str, seed: int, mode: str) -> dict:
     """One search; keep what the report needs (rows in start order, chosen config, compute)."""
-    name = f"{searcher}-seed{seed}-{'asha' if asha else 'full'}"
+    name, asha = f"{searcher}-seed{seed}-{mode}", mode != "full"
     settings = SearchSettings(searcher=searcher, seed=seed, num_samples=args.num_samples,
                               max_concurrent=args.max_concurrent, early_stopping=asha, storage=str(storage), name=name,
-                              grace_sparsity_pct=args.grace_sparsity_pct)
+                              grace_sparsity_pct=args.grace_sparsity_pct,
+                              stopped_trials="ignore" if mode == "ignore" else "pruned")
     report = run_search(settings)
     rows = sorted(report["rows"], key=trial_index)
     best = report["best"] or {}
     keep = ("status", "val_ppl", "sparsity", "train_steps_total", "wall_s_total")
     result = {
-        "name": name, "searcher": searcher, "seed": seed, "asha": asha, "wall_s": report["wall_s"],
+        "name": name, "searcher": searcher, "seed": seed, "asha": asha, "mode": mode, "wall_s": report["wall_s"],
         "trial_s_sum": round(tune_trial_seconds(report["experiment"]), 1),
         "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error")},
         "train_steps": sum(r.get("train_steps_total") or 0 for r in rows),
@@ -161,7 +166,8 @@ def summarise(searches: list[dict], hand: list[dict], n: int) -> dict:
     """Aggregate over seeds and check the three targets of issue 11 item 5."""
     groups: dict[str, list[dict]] = {}
     for s in searches:
-        groups.setdefault(f"{s['searcher']} ({'ASHA' if s['asha'] else 'no early stopping'})", []).append(s)
+        mode = s.get("mode", "asha" if s["asha"] else "full")  # older records have only the flag
+        groups.setdefault(f"{s['searcher']} ({MODE_LABELS[mode]})", []).append(s)
     agg = {}
     for label, runs in groups.items():
         agg[label] = {"curve": median_curve([r["curve"] for r in runs]), "seeds": [r["seed"] for r in runs],
@@ -300,7 +306,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--resume", type=Path, help="storage folder of a run cut short: keep what it finished")
     parser.add_argument("--no-new-runs", action="store_true", help="with --resume: only summarise what is there")
-    parser.add_argument("--variants", default=",".join(f"{s}-{'asha' if a else 'full'}" for s, a in VARIANTS),
+    parser.add_argument("--variants", default=",".join(f"{s}-{m}" for s, m in VARIANTS),
                         help="which searches to run (the summary covers every one run so far)")
     args = parser.parse_args()
     load_start = os.getloadavg()
@@ -311,19 +317,19 @@ def main() -> None:
     searches = json.loads(searches_file.read_text()) if searches_file.is_file() else []
     done = {s["name"] for s in searches}
     # Variant by variant in the order of VARIANTS (TPE, random, random without ASHA, Sobol, TPE
-    # without ASHA): a run cut short (on a loaded 2-core machine a search takes 5-15 min) still
-    # holds the comparisons the targets are about for every seed, and --resume finishes the rest.
+    # without ASHA, TPE ignoring stopped trials): a run cut short (on a loaded 2-core machine a
+    # search takes 5-15 min) still holds the comparisons the targets are about for every seed,
+    # and --resume finishes the rest.
     wanted = set(args.variants.split(","))
-    plan = [(searcher, seed, asha) for searcher, asha in VARIANTS for seed in range(args.seeds)
-            if f"{searcher}-{'asha' if asha else 'full'}" in wanted
-            and f"{searcher}-seed{seed}-{'asha' if asha else 'full'}" not in done]
+    plan = [(searcher, seed, mode) for searcher, mode in VARIANTS for seed in range(args.seeds)
+            if f"{searcher}-{mode}" in wanted and f"{searcher}-seed{seed}-{mode}" not in done]
     if not args.no_new_runs and (plan or hand is None):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         if hand is None:
             hand = hand_recipes(args.hand) if args.hand != "skip" else []
             hand_file.write_text(json.dumps(hand))
-        for searcher, seed, asha in plan:
-            searches.append(one_search(args, storage, searcher, seed, asha))
+        for searcher, seed, mode in plan:
+            searches.append(one_search(args, storage, searcher, seed, mode))
             searches_file.write_text(json.dumps(searches, default=str))  # survives a crash below
         ray.shutdown()
     hand = hand or []
