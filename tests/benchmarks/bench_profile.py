@@ -106,7 +106,7 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             row["importance"] = best_alpha(base, "removal", args.alphas)
             row["owl"] = best_alpha(base, "owl", args.alphas)
             out = work / f"search-{name}-{method}-{target}"
-            options = ProfileOptions(levels=GRID, generations=args.generations, offspring=args.offspring,
+            options = ProfileOptions(levels=args.grid, generations=args.generations, offspring=args.offspring,
                                      survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
                                      compare=False, start=args.start, rescore=args.rescore,
                                      start_alphas=",".join(str(a) for a in args.alphas))
@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--start", default="best",
                         help="uniform, or best: the search starts from the heuristic (uniform, importance or OWL at "
                              "--alphas) with the lowest validation KL")
+    parser.add_argument("--grid", default=GRID, help="the layer database's levels, start:stop:step (must hold "
+                        "every target)")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--importance-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
