@@ -18,7 +18,7 @@ import torch
 from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
-from raysparse.profile.levels import parse_levels, snap, target_index
+from raysparse.profile.levels import parse_levels, snap, target_index, weighted_sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -320,14 +320,15 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         "model": config.model, "method": config.method, "target": config.target_ratio, "levels": levels,
         "options": asdict(options), "layer_ratios": ratios, "chosen": chosen["name"],
         "profile": chosen["profile"],  # level indices; None when a heuristic off the grid won the rescoring
-        "total_sparsity": sum(r * n for r, n in zip(ratios, sizes)) / sum(sizes),
+        "total_sparsity": weighted_sparsity(ratios, sizes),
         "kl": chosen["kl"], "kl_pruned": chosen.get("kl_pruned"), "kl_uniform": uniform_kl,
         "searched": {"profile": result.best, "kl": result.fitness},  # the search's own best, before rescoring
         "curve": result.curve, "evaluations": {str(k): v for k, v in result.evaluations.items()},
         "start": {"name": start_name, "profile": start, "kl": start_kls or None, "candidates": start_candidates,
                   "s": round(start_s, 3)}, "rescored": rescored,
         "database_s": round(build_s, 3), "database": {o: outcomes.count(o) for o in set(outcomes)},
-        "search_s": round(search_s, 3), "rescore_s": round(rescore_s, 3), "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
+        "search_s": round(search_s, 3), "rescore_s": round(rescore_s, 3),
+        "wall_s": round(time.perf_counter() - started, 3), "storage": storage,
     }
     profiles = {"uniform": [config.target_ratio] * len(layers)}
     if options.compare:

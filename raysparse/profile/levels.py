@@ -68,9 +68,14 @@ def target_index(levels: Sequence[float], target: float) -> int:
     return min(range(len(levels)), key=lambda i: abs(levels[i] - target))
 
 
+def weighted_sparsity(ratios: Sequence[float], sizes: Sequence[int]) -> float:
+    """Parameter-weighted mean of per-layer ratios (on the grid or not)."""
+    return sum(r * s for r, s in zip(ratios, sizes)) / sum(sizes)
+
+
 def total_sparsity(profile: Sequence[int], levels: Sequence[float], sizes: Sequence[int]) -> float:
     """Parameter-weighted mean level of a profile."""
-    return sum(levels[i] * s for i, s in zip(profile, sizes)) / sum(sizes)
+    return weighted_sparsity([levels[i] for i in profile], sizes)
 
 
 def _size_groups(sizes: Sequence[int]) -> list[list[int]]:
