@@ -139,7 +139,7 @@ def test_database_is_built_once_then_loaded_and_assembles_the_levels(method, tmp
     assert [e["outcome"] for e in cache.events] == ["computed", "computed", "hit", "hit"]
     for a, b in zip(first, second):
         for x, y in zip(a["entries"], b["entries"]):
-            assert all(torch.equal(x[name], y[name]) for name in x)
+            assert all(torch.equal(x[name][part], y[name][part]) for name in x for part in x[name])
 
     # Layer 0 sees the same (dense) inputs in a one-shot prune: the same result at the same level.
     oneshot = build_model("llama", layers=2)
@@ -299,3 +299,24 @@ def test_ray_actors_score_profiles_as_the_process_does(saved_model_dir):
         ray.shutdown()
     assert remote == pytest.approx(local, rel=1e-4)
     assert len(set(round(v, 6) for v in local)) == 3  # the profiles differ, and so do their scores
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (5, 3), (1, 13)])
+def test_compact_entries_round_trip_exactly(shape):
+    """Packed keep bits and kept values put back the very matrix (zeros kept as zeros where the
+    mask keeps them), for shapes that do not fill the last byte."""
+    from raysparse.profile.database import compact_entry, pack_mask, unpack_mask, write_entry
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    keep = torch.rand(shape) > 0.6
+    weight[keep.nonzero()[0][0], keep.nonzero()[0][1]] = 0.0  # a kept zero stays kept
+    assert torch.equal(unpack_mask(pack_mask(keep), shape), keep)
+    assert pack_mask(keep).numel() == -(-keep.numel() // 8)
+    pruned = weight * keep
+    out = torch.full(shape, 7.0)
+    write_entry(out, weight, compact_entry(pruned, keep, with_values=True))
+    assert torch.equal(out, pruned)
+    out = torch.full(shape, 7.0)
+    write_entry(out, weight, compact_entry(pruned, keep, with_values=False))  # a mask: the dense values under it
+    assert torch.equal(out, weight * keep)

@@ -127,7 +127,7 @@ def pruning_key(ctx: TrialContext, config: TrialConfig, ratios: Sequence[float] 
 
 def profile_layer_key(ctx: TrialContext, config: TrialConfig, index: int, levels: Sequence[float]) -> dict[str, Any]:
     """One decoder layer pruned at every level of a profile search's grid, on the dense model's inputs."""
-    key = {**_base_key(ctx, "profile_layer"), "method": config.method, "layer": int(index),
+    key = {**_base_key(ctx, "profile_layer"), "format": "packed", "method": config.method, "layer": int(index),
            "levels": [float(v) for v in levels], "tokens": _tokens(ctx, "calibration", ctx.calib),
            "nsamples": config.nsamples, "seqlen": ctx.settings.seqlen, "seed": config.seed,
            "calib_batch_size": config.calib_batch_size}
