@@ -9,7 +9,7 @@ from raysparse.cli.common import EXIT_INTERRUPTED, fail, setup_logging
 from raysparse.cli.flags import add_settings, given_settings
 from raysparse.config import TrialConfig
 from raysparse.errors import RaysparseError
-from raysparse.profile.driver import SEARCHES, ProfileOptions
+from raysparse.profile.driver import DATABASES, SEARCHES, ProfileOptions
 
 
 def build_profile_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,12 @@ def build_profile_parser() -> argparse.ArgumentParser:
                    help="where the search starts: uniform (every layer at the target); best (the lowest validation "
                         "KL among uniform and the importance / OWL profiles at --start-alphas); or a "
                         "best_profile.json / layer-ratios file, snapped onto the grid (default uniform)")
+    g.add_argument("--database", choices=DATABASES, default=d.database,
+                   help="dense: one grid for all layers, entries calibrated on the dense model's inputs (EvoPress); "
+                        "anchored: each layer's grid is centred on the start profile (chosen by the sequential "
+                        "prune's validation perplexity with --start best) and its entries are calibrated on the "
+                        "inputs that profile's prune gives, so the search scores profiles near it as "
+                        "launch/prune.py prunes them (default dense)")
     g.add_argument("--start-alphas", default=None,
                    help="comma list of alphas for the importance / OWL start candidates (default --alpha)")
     g.add_argument("--no-compare", dest="compare", action="store_false",
@@ -67,7 +73,7 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
                                  offspring=args.offspring, survivors=args.survivors, fidelity=args.fidelity,
                                  max_step=args.max_step, trials=args.trials, workers=args.eval_workers,
                                  storage=args.storage, compare=args.compare, rescore=args.rescore,
-                                 start=args.start, start_alphas=args.start_alphas)
+                                 start=args.start, start_alphas=args.start_alphas, database=args.database)
         from raysparse.config.inputs import check_inputs
         from raysparse.profile.driver import check_profile_request, run_profile_search
 
@@ -81,8 +87,10 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
     print(f"profile          {' '.join(f'{r:.2f}' for r in record['layer_ratios'])}")
     print(f"total sparsity   {record['total_sparsity']:.4f} (target {record['target']})")
     kl = "off the grid" if record["kl"] is None else f"{record['kl']:.5g}"
-    print(f"KL to dense      {kl} assembled (uniform {record['kl_uniform']:.5g}, validation; "
-          f"started from {record['start']['name']})")
+    start = record["start"]
+    baseline = (f"uniform {record['kl_uniform']:.5g}" if record["kl_uniform"] is not None
+                else f"start {min(start['kl'].values()):.5g}, database anchored on it")
+    print(f"KL to dense      {kl} assembled ({baseline}, validation; started from {start['name']})")
     if record["rescored"]:
         best = record["rescored"][0]
         print(f"chosen           {record['chosen']}: validation perplexity {best['val_ppl']:.4g}, KL "

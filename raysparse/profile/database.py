@@ -1,9 +1,14 @@
 """The layer database: every decoder layer pruned once at every level of the grid.
 
-Each entry is computed on the *dense* model's inputs to its layer (not the inputs after the
-earlier layers were pruned, as a one-shot prune does), so an entry does not depend on what
-the other layers hold and any profile can be assembled from entries by copying them in:
-assembling costs loading, not pruning (EvoPress's database). Calibration statistics are
+By default each entry is computed on the *dense* model's inputs to its layer (not the inputs
+after the earlier layers were pruned, as a one-shot prune does), so an entry does not depend
+on what the other layers hold and any profile can be assembled from entries by copying them
+in: assembling costs loading, not pruning (EvoPress's database). An *anchored* database
+(`inputs_from`) instead feeds each layer the outputs of the earlier layers pruned at the
+anchor profile, as the sequential prune of that profile does: the assembled anchor is then
+exactly its one-shot prune, and profiles near it are scored close to how launch/prune.py
+will prune them (SparseGPT's weight updates compensate for the inputs they were calibrated
+on, so at high sparsity dense-calibrated entries rank profiles differently). Calibration statistics are
 collected once per layer and reused for every level. One cache entry per layer (all its
 levels) goes through the statistics cache, so a second search, another process or another
 node of a search reads it instead of pruning again.
@@ -114,6 +119,21 @@ def prune_layer_levels(adapter: ModelAdapter, index: int, layer: torch.nn.Module
     return {"levels": [float(v) for v in levels], "kind": kind, "entries": entries}, outputs
 
 
+@torch.no_grad()
+def _pruned_outputs(adapter: ModelAdapter, layer: torch.nn.Module, stored: dict[str, Any],
+                    chunks: list[_Chunk]) -> list[torch.Tensor]:
+    """The layer's outputs with one entry written in (the layer is left dense)."""
+    linears = adapter.prunable_linears(layer)
+    dense = {name: module.weight.detach().clone() for name, module in linears.items()}
+    try:
+        for name, module in linears.items():
+            write_entry(module.weight.data, dense[name], stored[name])
+        return [_layer_output(layer(c.hidden, *c.args, **c.kwargs)) for c in chunks]
+    finally:
+        for name, module in linears.items():
+            module.weight.data.copy_(dense[name])
+
+
 @dataclass
 class LayerDatabase:
     """Entries per decoder layer, plus what is needed to assemble a model from them."""
@@ -125,44 +145,62 @@ class LayerDatabase:
 
 
 @torch.no_grad()
-def build_database(adapter: ModelAdapter, method_name: str, calib: torch.Tensor, levels: Sequence[float],
-                   device: torch.device, batch_size: int = 8, percdamp: float = 0.01, blocksize: int = 128,
+def build_database(adapter: ModelAdapter, method_name: str, calib: torch.Tensor,
+                   levels: Sequence[float] | Sequence[Sequence[float]], device: torch.device, batch_size: int = 8,
+                   percdamp: float = 0.01, blocksize: int = 128,
                    get_or_compute: Callable[[int, Callable[[], LayerEntry]], LayerEntry] | None = None,
+                   inputs_from: Sequence[int] | None = None, firsts: Sequence[int] | None = None,
                    ) -> list[LayerEntry]:
     """Every layer's entry, through `get_or_compute(layer_index, compute)` (the statistics cache).
 
-    The dense layer-by-layer pass runs lazily: when every entry is cached it never runs; a
-    missing entry advances the pass to its layer first.
+    `levels`: one grid for every layer, or one list per layer (an anchored grid). `inputs_from`:
+    per layer, the position in its levels whose entry produces the next layer's inputs (an
+    anchored database); None feeds dense outputs. `firsts`: per layer, the grid index of its
+    first level (recorded as the entry's "first", so profiles index the common grid).
+    The layer-by-layer pass runs lazily: when every entry is cached it never runs; a missing
+    entry advances the pass to its layer first.
     """
     method = make_method(method_name, percdamp, blocksize)
     model = adapter.model
     was_training = model.training
     model.eval()
     layers = adapter.decoder_layers()
+    per_layer = ([list(v) for v in levels] if levels and isinstance(levels[0], (list, tuple))
+                 else [list(levels)] * len(layers))
+    if len(per_layer) != len(layers):
+        raise ConfigError(f"{len(per_layer)} level lists for a model of {len(layers)} decoder layers")
     state: dict[str, Any] = {"chunks": None, "at": 0}
+    result: list[LayerEntry] = []
+
+    def forward(index: int, chunks: list[_Chunk], entry: LayerEntry,
+                dense_outputs: list[torch.Tensor] | None = None) -> None:
+        """Move the calibration activations past layer `index` (dense, or at its anchor entry)."""
+        if inputs_from is not None:
+            outputs = _pruned_outputs(adapter, layers[index], entry["entries"][inputs_from[index]], chunks)
+        elif dense_outputs is not None:
+            outputs = dense_outputs
+        else:
+            outputs = [_layer_output(layers[index](c.hidden, *c.args, **c.kwargs)) for c in chunks]
+        for c, out in zip(chunks, outputs):
+            c.hidden = out
+        state["at"] = index + 1
 
     def advance_to(index: int) -> list[_Chunk]:
         if state["chunks"] is None:
             state["chunks"] = capture_layer_inputs(adapter, calib, device, batch_size)
-        chunks = state["chunks"]
         while state["at"] < index:
-            layer = layers[state["at"]]
-            for c in chunks:
-                c.hidden = _layer_output(layer(c.hidden, *c.args, **c.kwargs))
-            state["at"] += 1
-        return chunks
+            forward(state["at"], state["chunks"], result[state["at"]])
+        return state["chunks"]
 
     def compute(index: int) -> LayerEntry:
         chunks = advance_to(index)
-        entry, outputs = prune_layer_levels(adapter, index, layers[index], method, chunks, levels)
-        for c, out in zip(chunks, outputs):
-            c.hidden = out
-        state["at"] = index + 1
+        entry, outputs = prune_layer_levels(adapter, index, layers[index], method, chunks, per_layer[index])
+        entry["first"] = int(firsts[index]) if firsts is not None else 0
+        forward(index, chunks, entry, outputs)
         return entry
 
-    result = []
     try:
-        for index in tqdm(range(len(layers)), desc=f"layer database ({method_name}, {len(levels)} levels)",
+        for index in tqdm(range(len(layers)), desc=f"layer database ({method_name}, {len(per_layer[0])} levels)",
                           leave=False):
             make = (lambda i=index: compute(i))
             result.append(make() if get_or_compute is None else get_or_compute(index, make))
@@ -171,24 +209,37 @@ def build_database(adapter: ModelAdapter, method_name: str, calib: torch.Tensor,
     return result
 
 
+class DenseWeights:
+    """A copy of every prunable weight, per decoder layer, to put the dense model back."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+        self.layers = adapter.decoder_layers()
+        self.weights = [{name: m.weight.detach().clone() for name, m in adapter.prunable_linears(layer).items()}
+                        for layer in self.layers]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for index, layer in enumerate(self.layers):
+            for name, module in self.adapter.prunable_linears(layer).items():
+                module.weight.data.copy_(self.weights[index][name])
+
+
 class ProfileAssembler:
     """Puts a profile's entries into a model, copying only layers whose level changed."""
 
-    def __init__(self, adapter: ModelAdapter, database: Sequence[LayerEntry]):
+    def __init__(self, adapter: ModelAdapter, database: Sequence[LayerEntry], dense: DenseWeights | None = None):
         self.adapter = adapter
         self.database = database
         self.layers = adapter.decoder_layers()
         if len(database) != len(self.layers):
             raise ConfigError(f"the layer database has {len(database)} layers, the model {len(self.layers)}")
-        self.dense = [{name: m.weight.detach().clone() for name, m in adapter.prunable_linears(layer).items()}
-                      for layer in self.layers]
+        self.dense_weights = dense or DenseWeights(adapter)
+        self.dense = self.dense_weights.weights
         self.current: list[int | None] = [None] * len(self.layers)  # None = dense
 
-    @torch.no_grad()
     def restore_dense(self) -> None:
-        for index, layer in enumerate(self.layers):
-            for name, module in self.adapter.prunable_linears(layer).items():
-                module.weight.data.copy_(self.dense[index][name])
+        self.dense_weights.restore()
         self.current = [None] * len(self.layers)
 
     @torch.no_grad()
@@ -198,6 +249,6 @@ class ProfileAssembler:
                 continue
             entry = self.database[index]
             linears = self.adapter.prunable_linears(self.layers[index])
-            for name, stored in entry["entries"][level].items():
+            for name, stored in entry["entries"][level - entry.get("first", 0)].items():
                 write_entry(linears[name].weight.data, self.dense[index][name], stored)
             self.current[index] = int(level)

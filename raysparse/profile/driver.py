@@ -18,12 +18,13 @@ import torch
 from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
-from raysparse.profile.levels import parse_levels, snap, target_index, weighted_sparsity
+from raysparse.profile.levels import Grid, parse_levels, snap, target_index, weighted_sparsity
 
 logger = logging.getLogger(__name__)
 
 SEARCHES = ("evolution", "tpe", "cmaes")
 STARTS = ("uniform", "best")
+DATABASES = ("dense", "anchored")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ProfileOptions:
     # importance / OWL profiles at each of start_alphas); or a layer-ratios JSON file.
     start: str = "uniform"
     start_alphas: str | None = None  # comma list; default the config's --alpha
+    # "dense": entries calibrated on the dense model's inputs, one grid for every layer (EvoPress);
+    # "anchored": the grid is centred on the start profile (chosen first, by the sequential
+    # prune's validation perplexity when "best") and entries see the inputs its prune gives.
+    database: str = "dense"
 
     def alphas(self, default: float) -> list[float]:
         if not self.start_alphas:
@@ -92,6 +97,8 @@ def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[
         if importlib.util.find_spec("cmaes") is None:
             raise ConfigError("--search cmaes needs the cmaes package (Optuna's CMA-ES): pip install cmaes, "
                               "or use --search tpe")
+    if options.database not in DATABASES:
+        raise ConfigError(f"--database {options.database}: choose one of {', '.join(DATABASES)}")
     if options.rescore < 0:
         raise ConfigError(f"--rescore must be >= 0, got {options.rescore}")
     for name in ("generations", "offspring", "survivors", "max_step", "trials"):
@@ -170,6 +177,31 @@ def choose_start(options: ProfileOptions, config: TrialConfig, heuristics: dict[
     return best, candidates[best], kls, candidates
 
 
+def choose_anchor(ctx, config: TrialConfig, options: ProfileOptions, heuristics: dict[str, list[float]],
+                  sizes: list[int], fingerprint: str | None, restore_dense, windows: torch.Tensor,
+                  reference: torch.Tensor) -> tuple[str, list[float], list[dict[str, Any]]]:
+    """The profile an anchored database is centred on, its name, and the sequential prunes that
+    chose it (best validation perplexity first; empty when there was nothing to choose). With
+    "best" every candidate (uniform, each heuristic as it is) is pruned once as launch/prune.py
+    would: the anchor must be the best heuristic on the measure that decides, since the
+    search explores around it."""
+    from raysparse.config.layer_ratios import check_layer_ratios, read_layer_ratios
+
+    uniform = [config.target_ratio] * len(sizes)
+    if options.start == "uniform":
+        return "uniform", uniform, []
+    if options.start != "best":
+        ratios = check_layer_ratios(read_layer_ratios(options.start), options.start, len(sizes), fingerprint, sizes,
+                                    config.target_ratio)
+        return options.start, [float(r) for r in ratios], []
+    candidates = [{"name": name, "profile": None, "ratios": list(r), "kl": None}
+                  for name, r in {"uniform": uniform, **heuristics}.items()]
+    rows = rescore(ctx, config, restore_dense, candidates, windows, reference)
+    logger.info("the anchored database is centred on %s (validation perplexity %s)", rows[0]["name"],
+                ", ".join(f"{r['name']} {r['val_ppl']:.4g}" for r in rows))
+    return rows[0]["name"], rows[0]["ratios"], rows
+
+
 def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float], search: str) -> str:
     import matplotlib
 
@@ -193,7 +225,7 @@ def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float],
     return str(path)
 
 
-def rescore(ctx, config: TrialConfig, assembler, candidates: list[dict[str, Any]], windows: torch.Tensor,
+def rescore(ctx, config: TrialConfig, restore_dense, candidates: list[dict[str, Any]], windows: torch.Tensor,
             reference: torch.Tensor) -> list[dict[str, Any]]:
     """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
     rank them by validation perplexity: the search ranks *assembled* models, whose order the
@@ -205,28 +237,28 @@ def rescore(ctx, config: TrialConfig, assembler, candidates: list[dict[str, Any]
 
     rows = []
     for candidate in candidates:
-        assembler.restore_dense()
+        restore_dense()
         prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, candidate["ratios"])
         kl = kl_to_reference(ctx.loaded.model, windows, reference, windows.shape[0], config.eval_batch_size,
                              ctx.device)
         rows.append({**candidate, "kl_pruned": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
         logger.info("rescored %s: KL %.4g after the prune, validation perplexity %.4g", candidate["name"], kl,
                     rows[-1]["val_ppl"])
-    assembler.restore_dense()
+    restore_dense()
     return sorted(rows, key=lambda row: row["val_ppl"])
 
 
-def rescore_candidates(result, options: ProfileOptions, levels: list[float], start_candidates: dict[str, list[int]],
+def rescore_candidates(result, options: ProfileOptions, grid: Grid, start_candidates: dict[str, list[int]],
                        start_kls: dict[str, float], unsnapped: dict[str, list[float]]) -> list[dict[str, Any]]:
     """The search's best K, and every profile it could have begun from, on the grid and as it
     is (heuristic ratios off the grid): KL picked the start on assembled models, but what
     decides is the validation perplexity of the sequential prune, so the answer is never worse
     there than any of them — nor than the best heuristic itself."""
-    rows = [{"name": f"searched #{i + 1}", "profile": profile, "ratios": [levels[j] for j in profile], "kl": kl}
+    rows = [{"name": f"searched #{i + 1}", "profile": profile, "ratios": grid.ratios(profile), "kl": kl}
             for i, (profile, kl) in enumerate(result.top(options.rescore))]
     for name, profile in start_candidates.items():
         if all(profile != row["profile"] for row in rows):
-            rows.append({"name": f"{name} on the grid", "profile": profile, "ratios": [levels[j] for j in profile],
+            rows.append({"name": f"{name} on the grid", "profile": profile, "ratios": grid.ratios(profile),
                          "kl": result.scored.get(tuple(profile), start_kls.get(name))})
     for name, ratios in unsnapped.items():
         if all(any(abs(a - b) > 1e-9 for a, b in zip(ratios, row["ratios"])) for row in rows):
@@ -238,7 +270,7 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     """The whole search; returns its record (also written to OUTPUT/profile_search.json)."""
     from raysparse.config.layer_ratios import write_layer_ratios
     from raysparse.models.fingerprint import model_fingerprint
-    from raysparse.profile.database import ProfileAssembler, build_database
+    from raysparse.profile.database import DenseWeights, build_database
     from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
     from raysparse.profile.search import evolve, optuna_search
     from raysparse.trial.cache import StatsCache
@@ -252,21 +284,42 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     adapter = ctx.loaded.adapter
     layers = adapter.decoder_layers()
     sizes = [sum(m.weight.numel() for m in adapter.prunable_linears(layer).values()) for layer in layers]
+    model = ctx.loaded.model.eval()
+    dense = DenseWeights(adapter)
+    windows = _validation_windows(ctx.val_stream, ctx.settings.eval_seqlen, fidelities[-1])
+    reference = log_probs(model, windows, config.eval_batch_size, ctx.device)
+    revision = getattr(model.config, "_commit_hash", None)
+    fingerprint = model_fingerprint(ctx.loaded.path, revision)
+    anchored = options.database == "anchored"
+
+    start_started = time.perf_counter()
+    heuristics = (heuristic_profiles(ctx, config, sizes, options.alphas(config.alpha))
+                  if options.compare or options.start == "best" else {})
+    anchor_rows: list[dict[str, Any]] = []
+    if anchored:
+        anchor_name, anchor, anchor_rows = choose_anchor(ctx, config, options, heuristics, sizes, fingerprint,
+                                                         dense.restore, windows, reference)
+        grid = Grid.build(levels, config.target_ratio, anchor)
+    else:
+        grid = Grid.build(levels, config.target_ratio, len(layers))
+    anchor_s = time.perf_counter() - start_started
+    bounds = grid.bounds()
+    centre = grid.centre
+
     storage = options.storage or config.stats_cache or str(Path(config.output) / "layer_db")
     cache = StatsCache(storage)
     build_started = time.perf_counter()
     database = build_database(
-        adapter, config.method, ctx.calib, levels, ctx.device, config.calib_batch_size, config.percdamp,
-        config.blocksize,
-        get_or_compute=lambda index, make: cache.get_or_compute(profile_layer_key(ctx, config, index, levels), make))
+        adapter, config.method, ctx.calib, [grid.layer_levels(i) for i in range(len(layers))], ctx.device,
+        config.calib_batch_size, config.percdamp, config.blocksize,
+        get_or_compute=lambda index, make: cache.get_or_compute(
+            profile_layer_key(ctx, config, index, grid.layer_levels(index), grid.anchor if anchored else None), make),
+        inputs_from=[centre - lo for lo, _ in bounds] if anchored else None, firsts=[lo for lo, _ in bounds])
     build_s = time.perf_counter() - build_started
     outcomes = [e["outcome"] for e in cache.events]
     logger.info("layer database: %d layers x %d levels in %.1fs (%s)", len(layers), len(levels), build_s,
                 ", ".join(f"{o} {outcomes.count(o)}" for o in sorted(set(outcomes))))
 
-    windows = _validation_windows(ctx.val_stream, ctx.settings.eval_seqlen, fidelities[-1])
-    model = ctx.loaded.model.eval()
-    reference = log_probs(model, windows, config.eval_batch_size, ctx.device)
     started_ray = False
     if options.workers > 0:
         import ray
@@ -281,27 +334,29 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         evaluate = ParallelEvaluator(actors=actors)
     else:
         evaluate = ParallelEvaluator(local=ProfileEvaluator(model, database, windows, reference,
-                                                             config.eval_batch_size, ctx.device))
-    assembler = evaluate.local.assembler if evaluate.local is not None else ProfileAssembler(adapter, database)
-    target_idx = target_index(levels, config.target_ratio)
-    revision = getattr(model.config, "_commit_hash", None)
-    fingerprint = model_fingerprint(ctx.loaded.path, revision)
+                                                             config.eval_batch_size, ctx.device, dense))
     start_started = time.perf_counter()
-    heuristics = (heuristic_profiles(ctx, config, sizes, options.alphas(config.alpha))
-                  if options.compare or options.start == "best" else {})
-    start_name, start, start_kls, start_candidates = choose_start(options, config, heuristics, levels, sizes, evaluate, fidelities[-1],
-                                                fingerprint)
-    start_s = time.perf_counter() - start_started  # importance / OWL scores and one KL per candidate
+    if anchored:
+        start_name, start = anchor_name, [centre] * len(layers)
+        start_kls = {anchor_name: evaluate([start], fidelities[-1])[0]}
+        start_candidates = {anchor_name: start}
+    else:
+        start_name, start, start_kls, start_candidates = choose_start(options, config, heuristics, levels, sizes,
+                                                                      evaluate, fidelities[-1], fingerprint)
+    start_s = anchor_s + time.perf_counter() - start_started  # importance / OWL scores, one KL or prune each
     search_started = time.perf_counter()
     if options.search == "evolution":
         result = evolve(start, sizes, len(levels), evaluate, fidelities, options.survivors,
-                        options.generations, options.offspring, config.seed, options.max_step)
+                        options.generations, options.offspring, config.seed, options.max_step, bounds)
     else:
-        result = optuna_search(start, target_idx, sizes, len(levels), evaluate, fidelities[-1], options.trials,
-                               max(1, options.offspring), options.search, config.seed)
+        result = optuna_search(start, centre, sizes, len(levels), evaluate, fidelities[-1], options.trials,
+                               max(1, options.offspring), options.search, config.seed, bounds)
     search_s = time.perf_counter() - search_started
-    uniform_kl = (start_kls["uniform"] if "uniform" in start_kls
-                  else evaluate([[target_idx] * len(layers)], fidelities[-1])[0])
+    if anchored:
+        uniform_kl = None  # the uniform profile is not on an anchored grid
+    else:
+        uniform_kl = (start_kls["uniform"] if "uniform" in start_kls
+                      else evaluate([[centre] * len(layers)], fidelities[-1])[0])
     if started_ray:
         import ray
 
@@ -309,17 +364,27 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     rescored, rescore_s = [], 0.0
     if options.rescore:
         rescore_started = time.perf_counter()
-        unsnapped = dict(heuristics) if options.start == "best" else {}
-        candidates = rescore_candidates(result, options, levels, start_candidates, start_kls, unsnapped)
-        rescored = rescore(ctx, config, assembler, candidates, windows, reference)
+        if anchored:  # the anchor candidates were pruned once already: only the searched ones are new
+            for row in anchor_rows:
+                if row["name"] == anchor_name:
+                    row.update(profile=start, kl=start_kls[anchor_name])
+            known = [row["ratios"] for row in anchor_rows]
+            candidates = [row for row in rescore_candidates(result, options, grid, {}, {}, {})
+                          if all(any(abs(a - b) > 1e-9 for a, b in zip(row["ratios"], r)) for r in known)]
+        else:
+            unsnapped = dict(heuristics) if options.start == "best" else {}
+            candidates = rescore_candidates(result, options, grid, start_candidates, start_kls, unsnapped)
+        rescored = sorted(rescore(ctx, config, dense.restore, candidates, windows, reference) + anchor_rows,
+                          key=lambda row: row["val_ppl"])
         rescore_s = time.perf_counter() - rescore_started
     chosen = rescored[0] if rescored else {"name": "searched #1", "profile": result.best,
-                                           "ratios": [levels[i] for i in result.best], "kl": result.fitness}
+                                           "ratios": grid.ratios(result.best), "kl": result.fitness}
     ratios = chosen["ratios"]
     record: dict[str, Any] = {
         "model": config.model, "method": config.method, "target": config.target_ratio, "levels": levels,
+        "database_inputs": options.database, "anchor": list(grid.anchor) if anchored else None,
         "options": asdict(options), "layer_ratios": ratios, "chosen": chosen["name"],
-        "profile": chosen["profile"],  # level indices; None when a heuristic off the grid won the rescoring
+        "profile": chosen["profile"],  # grid indices; None when a heuristic off the grid won the rescoring
         "total_sparsity": weighted_sparsity(ratios, sizes),
         "kl": chosen["kl"], "kl_pruned": chosen.get("kl_pruned"), "kl_uniform": uniform_kl,
         "searched": {"profile": result.best, "kl": result.fitness},  # the search's own best, before rescoring
@@ -340,6 +405,10 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         write_layer_ratios(out / "best_profile.json", ratios, config.model, fingerprint, config.target_ratio,
                            method=config.method, kl=chosen["kl"], kl_uniform=uniform_kl, levels=levels,
                            chosen=chosen["name"])
+        if anchored:  # `--database anchored --start OUTPUT/anchor_profile.json` reloads this database as it is
+            record["anchor_file"] = str(out / "anchor_profile.json")
+            write_layer_ratios(out / "anchor_profile.json", list(grid.anchor), config.model, fingerprint,
+                               config.target_ratio, method=config.method, chosen=anchor_name)
         record["plot"] = write_plot(out / "profile.png", profiles, result.curve, options.search)
         write_json_atomic(out / "profile_search.json", record)
     return record

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from raysparse.models.adapters import get_adapter
-from raysparse.profile.database import LayerEntry, ProfileAssembler
+from raysparse.profile.database import DenseWeights, LayerEntry, ProfileAssembler
 
 
 @torch.no_grad()
@@ -47,10 +47,11 @@ class ProfileEvaluator:
     """Assembles profiles into one model and scores them against the dense reference."""
 
     def __init__(self, model: torch.nn.Module, database: Sequence[LayerEntry], windows: torch.Tensor,
-                 reference: torch.Tensor, batch_size: int = 4, device: torch.device | str = "cpu"):
+                 reference: torch.Tensor, batch_size: int = 4, device: torch.device | str = "cpu",
+                 dense: DenseWeights | None = None):
         self.model = model.eval()
         self.device = torch.device(device)
-        self.assembler = ProfileAssembler(get_adapter(model), database)
+        self.assembler = ProfileAssembler(get_adapter(model), database, dense)
         self.windows, self.reference, self.batch_size = windows, reference, batch_size
 
     def kl(self, profile: Sequence[int], windows: int) -> float:

@@ -5,11 +5,17 @@ target, so the uniform profile (every layer at the target) is a valid start, and
 switch that raises one layer by k steps and lowers another layer of the same size by k
 steps leaves the parameter-weighted total exactly where it was (EvoPress's budget-preserving
 mutation). Everything here is pure: lists in, lists out.
+
+A grid can also be *anchored* on a profile (`Grid` with a per-layer anchor): index j of layer
+i then means anchor[i] + (levels[j] - target), so the anchor itself is the all-centre profile
+(no rounding onto a common grid) and the same switches explore around it. Each layer keeps the
+indices whose level lies in [0, 1) (`Grid.bounds`); moves and projections respect them.
 """
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 from raysparse.errors import ConfigError
@@ -85,20 +91,28 @@ def _size_groups(sizes: Sequence[int]) -> list[list[int]]:
     return [g for g in groups.values() if len(g) >= 2]
 
 
+Bounds = Sequence[tuple[int, int]]  # per layer: lowest and highest usable grid index
+
+
+def _bounds(bounds: Bounds | None, num_levels: int, layers: int) -> Bounds:
+    return bounds if bounds is not None else [(0, num_levels - 1)] * layers
+
+
 def mutate(profile: Sequence[int], sizes: Sequence[int], num_levels: int, rng: random.Random,
-           max_step: int = 1) -> list[int]:
+           max_step: int = 1, bounds: Bounds | None = None) -> list[int]:
     """Raise one layer by k steps and lower another layer of the same size by k (1 <= k <= max_step).
 
     Returns the profile unchanged when no such move exists (one layer, or every pair blocked).
     """
     groups = _size_groups(sizes)
+    limits = _bounds(bounds, num_levels, len(profile))
     for _ in range(100):
         if not groups:
             break
         group = rng.choice(groups)
         up, down = rng.sample(group, 2)
         k = rng.randint(1, max_step)
-        if profile[up] + k < num_levels and profile[down] - k >= 0:
+        if profile[up] + k <= limits[up][1] and profile[down] - k >= limits[down][0]:
             child = list(profile)
             child[up] += k
             child[down] -= k
@@ -106,10 +120,12 @@ def mutate(profile: Sequence[int], sizes: Sequence[int], num_levels: int, rng: r
     return list(profile)
 
 
-def project(raw: Sequence[float], sizes: Sequence[int], num_levels: int, start: int) -> list[int]:
+def project(raw: Sequence[float], sizes: Sequence[int], num_levels: int, start: int,
+            bounds: Bounds | None = None) -> list[int]:
     """Continuous per-layer grid positions -> integer indices whose per-size-group sum equals the
-    uniform profile's, so the total sparsity is exactly the target (Optuna's proposals)."""
-    result = [min(max(int(round(x)), 0), num_levels - 1) for x in raw]
+    all-`start` profile's, so the total sparsity is exactly the target (Optuna's proposals)."""
+    limits = _bounds(bounds, num_levels, len(raw))
+    result = [min(max(int(round(x)), lo), hi) for x, (lo, hi) in zip(raw, limits)]
     groups: dict[int, list[int]] = {}
     for layer, size in enumerate(sizes):
         groups.setdefault(int(size), []).append(layer)
@@ -118,12 +134,12 @@ def project(raw: Sequence[float], sizes: Sequence[int], num_levels: int, start: 
         while excess != 0:
             # move the layer whose rounding went furthest the wrong way, within the grid
             if excess > 0:
-                movable = [i for i in members if result[i] > 0]
+                movable = [i for i in members if result[i] > limits[i][0]]
                 i = max(movable, key=lambda j: result[j] - raw[j])
                 result[i] -= 1
                 excess -= 1
             else:
-                movable = [i for i in members if result[i] < num_levels - 1]
+                movable = [i for i in members if result[i] < limits[i][1]]
                 i = max(movable, key=lambda j: raw[j] - result[j])
                 result[i] += 1
                 excess += 1
@@ -137,3 +153,51 @@ def snap(ratios: Sequence[float], levels: Sequence[float], sizes: Sequence[int],
     step = levels[1] - levels[0]
     raw = [(r - levels[0]) / step for r in ratios]
     return project(raw, sizes, len(levels), target_idx)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The levels each layer can take: anchor[i] + (levels[j] - target) for index j.
+
+    An absolute grid has the target as every layer's anchor (index j is levels[j] everywhere);
+    an anchored grid is centred on a profile, whose ratios need not lie on any common grid.
+    """
+
+    levels: tuple[float, ...]
+    target: float
+    anchor: tuple[float, ...]
+
+    @classmethod
+    def build(cls, levels: Sequence[float], target: float, anchor: Sequence[float] | int) -> "Grid":
+        """`anchor`: per-layer ratios, or a layer count for the absolute grid."""
+        ratios = [target] * anchor if isinstance(anchor, int) else [float(a) for a in anchor]
+        bad = [a for a in ratios if not 0.0 <= a < 1.0]
+        if bad:
+            raise ConfigError(f"an anchor ratio {bad[0]} is outside [0, 1)")
+        return cls(tuple(float(v) for v in levels), float(target), tuple(ratios))
+
+    @property
+    def centre(self) -> int:
+        return target_index(self.levels, self.target)
+
+    @property
+    def anchored(self) -> bool:
+        return any(abs(a - self.target) > _TOL for a in self.anchor)
+
+    def ratio(self, layer: int, index: int) -> float:
+        return round(self.anchor[layer] + self.levels[index] - self.levels[self.centre], 6)
+
+    def ratios(self, profile: Sequence[int]) -> list[float]:
+        return [self.ratio(layer, index) for layer, index in enumerate(profile)]
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """Per layer, the first and last index whose level lies in [0, 1) (the centre always does)."""
+        out = []
+        for layer in range(len(self.anchor)):
+            usable = [j for j in range(len(self.levels)) if 0.0 <= self.ratio(layer, j) < 1.0]
+            out.append((usable[0], usable[-1]))
+        return out
+
+    def layer_levels(self, layer: int) -> list[float]:
+        lo, hi = self.bounds()[layer]
+        return [self.ratio(layer, j) for j in range(lo, hi + 1)]

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from raysparse.profile.levels import mutate, project
+from raysparse.profile.levels import Bounds, mutate, project
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class SearchResult:
 
 def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate: Evaluate,
            fidelities: Sequence[int], survivors: int, generations: int, offspring: int, seed: int = 0,
-           max_step: int = 1) -> SearchResult:
+           max_step: int = 1, bounds: Bounds | None = None) -> SearchResult:
     """(1+lambda) evolution with multi-fidelity selection; `fidelities` are increasing window counts."""
     rng = random.Random(seed)
     top = fidelities[-1]
@@ -48,7 +48,7 @@ def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate
     result = SearchResult(parent, parent_fit, [parent_fit], {top: 1}, {tuple(parent): parent_fit})
     bar = tqdm(range(generations), desc="profile search", leave=False)
     for _ in bar:
-        children = {tuple(mutate(parent, sizes, num_levels, rng, max_step)) for _ in range(offspring)}
+        children = {tuple(mutate(parent, sizes, num_levels, rng, max_step, bounds)) for _ in range(offspring)}
         candidates = [list(c) for c in children if list(c) != parent]
         for stage, windows in enumerate(fidelities):
             if not candidates:
@@ -70,13 +70,15 @@ def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate
 
 
 def optuna_search(start: Sequence[int], target_idx: int, sizes: Sequence[int], num_levels: int, evaluate: Evaluate,
-                  windows: int, trials: int, batch: int, sampler: str = "tpe", seed: int = 0) -> SearchResult:
+                  windows: int, trials: int, batch: int, sampler: str = "tpe", seed: int = 0,
+                  bounds: Bounds | None = None) -> SearchResult:
     """Optuna over one continuous grid position per layer, projected to the budget of the uniform
     profile at `target_idx`; the `start` profile is the first proposal (and CMA-ES's mean), and
     `batch` proposals are scored together (in parallel on actors)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    limits = bounds if bounds is not None else [(0, num_levels - 1)] * len(sizes)
     first = {f"l{i}": float(level) for i, level in enumerate(start)}
     chosen = (optuna.samplers.CmaEsSampler(seed=seed, x0=first) if sampler == "cmaes"
               else optuna.samplers.TPESampler(seed=seed))
@@ -87,8 +89,8 @@ def optuna_search(start: Sequence[int], target_idx: int, sizes: Sequence[int], n
     bar = tqdm(range(0, trials, batch), desc=f"profile search ({sampler})", leave=False)
     for _ in bar:
         asked = [study.ask() for _ in range(batch)]
-        profiles = [project([t.suggest_float(f"l{i}", 0.0, num_levels - 1.0) for i in range(len(sizes))],
-                            sizes, num_levels, target_idx) for t in asked]
+        profiles = [project([t.suggest_float(f"l{i}", float(lo), float(hi)) for i, (lo, hi) in enumerate(limits)],
+                            sizes, num_levels, target_idx, limits) for t in asked]
         scores = evaluate(profiles, windows)
         result.evaluations[windows] += len(profiles)
         for trial, profile, score in zip(asked, profiles, scores):

@@ -125,10 +125,14 @@ def pruning_key(ctx: TrialContext, config: TrialConfig, ratios: Sequence[float] 
     return key
 
 
-def profile_layer_key(ctx: TrialContext, config: TrialConfig, index: int, levels: Sequence[float]) -> dict[str, Any]:
-    """One decoder layer pruned at every level of a profile search's grid, on the dense model's inputs."""
+def profile_layer_key(ctx: TrialContext, config: TrialConfig, index: int, levels: Sequence[float],
+                      anchor: Sequence[float] | None = None) -> dict[str, Any]:
+    """One decoder layer pruned at every level of a profile search's grid, on the dense model's
+    inputs, or (`anchor`: the anchor ratios of this layer and every earlier one) on the inputs
+    the earlier layers give when pruned at the anchor."""
     key = {**_base_key(ctx, "profile_layer"), "format": "packed", "method": config.method, "layer": int(index),
            "levels": [float(v) for v in levels], "tokens": _tokens(ctx, "calibration", ctx.calib),
+           "inputs": "dense" if anchor is None else {"anchor": [float(a) for a in anchor[:index + 1]]},
            "nsamples": config.nsamples, "seqlen": ctx.settings.seqlen, "seed": config.seed,
            "calib_batch_size": config.calib_batch_size}
     if config.method == "sparsegpt":

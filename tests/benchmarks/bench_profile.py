@@ -82,8 +82,11 @@ def write(rows: list[dict], args, started: float) -> None:
     case again: a run cut short never loses an older row it did not get to."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    measured = {(r["model"], r["method"], float(r["target"])) for r in rows}
-    rows = [*(r for r in args.kept_rows if (r["model"], r["method"], float(r["target"])) not in measured), *rows]
+    def case(r: dict) -> tuple:
+        return r["model"], r["method"], float(r["target"]), r.get("database", "dense")
+
+    measured = {case(r) for r in rows}
+    rows = [*(r for r in args.kept_rows if case(r) not in measured), *rows]
     recorded = {k: v for k, v in vars(args).items() if k != "kept_rows"}
     (out / "bench_profile.json").write_text(json.dumps({"rows": rows, "args": recorded,
                                                         "wall_s": round(time.perf_counter() - started, 1)},
@@ -101,7 +104,7 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             base = {**base_model, "method": method, "sparsity": str(target), "nsamples": args.nsamples,
                     "importance_samples": args.importance_samples, "stats_cache": stats,
                     "min_pruning_rate": 0.0, "max_pruning_rate": 0.95}
-            row = {"model": name, "method": method, "target": target}
+            row = {"model": name, "method": method, "target": target, "database": args.database}
             row["uniform"] = trial(base)
             row["importance"] = best_alpha(base, "removal", args.alphas)
             row["owl"] = best_alpha(base, "owl", args.alphas)
@@ -109,7 +112,7 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             options = ProfileOptions(levels=args.grid, generations=args.generations, offspring=args.offspring,
                                      survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
                                      compare=False, start=args.start, rescore=args.rescore,
-                                     start_alphas=",".join(str(a) for a in args.alphas))
+                                     start_alphas=",".join(str(a) for a in args.alphas), database=args.database)
             config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                                 "stats_cache")},
                                  output=str(out))
@@ -120,6 +123,7 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
                                "database_s": record["database_s"], "database": record["database"],
                                "search_s": record["search_s"], "evaluations": record["evaluations"],
                                "start": record["start"]["name"], "start_kl": record["start"]["kl"],
+                               "anchor": record.get("anchor"),
                                "chosen": record.get("chosen"), "rescore_s": record.get("rescore_s"),
                                "rescored": [{k: r[k] for k in ("name", "kl", "kl_pruned", "val_ppl")}
                                             for r in record.get("rescored", [])],
@@ -138,13 +142,22 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
         config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                             "stats_cache")}, output=str(reuse_out))
         build = next(r["searched"]["database_s"] for r in rows if r["model"] == name and r["method"] == method)
-        again = run_profile_search(config, dataclasses.replace(options, generations=1, rescore=0, start="uniform"))
+        # an anchored database is reloaded by naming its anchor (no re-choosing)
+        reuse_start = record.get("anchor_file") or "uniform"
+        again = run_profile_search(config, dataclasses.replace(options, generations=1, rescore=0, start=reuse_start))
         for r in rows:
-            if r["model"] == name and r["method"] == method:
+            if r["model"] == name and r["method"] == method and r.get("database", "dense") == args.database:
                 r["database_reuse"] = {"build_s": build, "reload_s": again["database_s"],
                                        "reload_over_build": round(again["database_s"] / build, 4),
                                        "outcomes": again["database"]}
         write(rows, args, started)
+
+
+def kl_from(searched: dict) -> str:
+    """The KL the search improved on: uniform's, or the anchor's on an anchored grid (no uniform there)."""
+    if searched.get("kl_uniform") is not None:
+        return f"{searched['kl_uniform']:.3f}"
+    return f"start {min(searched['start_kl'].values()):.3f}"
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -164,8 +177,9 @@ def markdown(rows: list[dict], args) -> str:
             f"| {r['model']} | {r['method']} | {r['target']} | {r['uniform']['test_ppl']:.2f} | "
             f"{r['importance']['test_ppl']:.2f} ({r['importance']['alpha']}) | {r['owl']['test_ppl']:.2f} "
             f"({r['owl']['alpha']}) | {s['test_ppl']:.2f} | {100 * r['searched_vs_best_heuristic']:+.1f}% | "
-            f"{s['kl_uniform']:.3f} -> {'off-grid' if s['kl'] is None else format(s['kl'], '.3f')} | "
-            f"{s.get('start', 'uniform')} | {s.get('chosen', '-')} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
+            f"{kl_from(s)} -> {'off-grid' if s['kl'] is None else format(s['kl'], '.3f')} | "
+            f"{s.get('start', 'uniform')}{' (anchored db)' if r.get('database') == 'anchored' else ''} | "
+            f"{s.get('chosen', '-')} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
             f"{reuse.get('reload_s', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -185,6 +199,8 @@ def main() -> None:
     parser.add_argument("--start", default="best",
                         help="uniform, or best: the search starts from the heuristic (uniform, importance or OWL at "
                              "--alphas) with the lowest validation KL")
+    parser.add_argument("--database", choices=("dense", "anchored"), default="dense",
+                        help="dense (EvoPress) or anchored on the best heuristic (launch/profile_search.py --database)")
     parser.add_argument("--grid", default=GRID, help="the layer database's levels, start:stop:step (must hold "
                         "every target)")
     parser.add_argument("--nsamples", type=int, default=32)
