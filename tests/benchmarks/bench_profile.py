@@ -153,6 +153,44 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
         write(rows, args, started)
 
 
+def reuse_only(name: str, methods: list[str], target: float, args, work: Path) -> list[dict]:
+    """The database alone: built once into fresh storage, then loaded by a second search (one
+    generation, no rescoring), with the bytes it occupies in the cache."""
+    base = model_config(name, work, args.eval_windows)
+    rows = []
+    for method in methods:
+        storage = work / f"reuse-db-{name}-{method}"
+        options = ProfileOptions(levels=args.grid, generations=1, offspring=2, survivors=1, fidelity=args.fidelity,
+                                 storage=str(storage), compare=False, start="uniform", rescore=0)
+        runs = [run_profile_search(TrialConfig(**base, method=method, sparsity=str(target), nsamples=args.nsamples,
+                                               output=str(work / f"reuse-{name}-{method}-{i}")), options)
+                for i in range(2)]
+        stored = sum(f.stat().st_size for f in storage.rglob("*") if f.is_file())
+        rows.append({"model": name, "method": method, "levels": runs[0]["levels"],
+                     "build_s": runs[0]["database_s"], "reload_s": runs[1]["database_s"],
+                     "reload_over_build": round(runs[1]["database_s"] / runs[0]["database_s"], 4),
+                     "outcomes": [runs[0]["database"], runs[1]["database"]], "stored_bytes": stored})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def write_reuse(rows: list[dict], args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = {k: v for k, v in vars(args).items() if k != "kept_rows"}
+    (out / "bench_profile_reuse.json").write_text(json.dumps({"rows": rows, "args": recorded}, indent=2) + "\n")
+    lines = ["# bench_profile --reuse-only: the layer database built once, then loaded", "",
+             f"Machine: {platform.machine()}; command: `python tests/benchmarks/bench_profile.py "
+             f"{' '.join(args.argv)}`", "",
+             "| model | method | levels | build s | reload s | reload / build | stored MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {len(r['levels'])} ({r['levels'][0]}-{r['levels'][-1]}) | "
+                     f"{r['build_s']:.1f} | {r['reload_s']:.2f} | {100 * r['reload_over_build']:.1f}% | "
+                     f"{r['stored_bytes'] / 1e6:.0f} |")
+    (out / "bench_profile_reuse.md").write_text("\n".join(lines) + "\n")
+
+
 def kl_from(searched: dict) -> str:
     """The KL the search improved on: uniform's, or the anchor's on an anchored grid (no uniform there)."""
     if searched.get("kl_uniform") is not None:
@@ -208,6 +246,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="only build each model/method's database (at the first target) and load it again; "
+                             "writes results/bench_profile_reuse.{json,md}")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of other (model, method, target) cases already in --out")
     args = parser.parse_args()
@@ -229,8 +270,14 @@ def main() -> None:
             if name == "smollm2" and smollm2_gguf_path() is None:
                 print(f"skipping smollm2: {SMOLLM2_INSTALL}")
                 continue
-            run(name, args.methods.split(","), [float(t) for t in args.targets.split(",")], args, Path(tmp), rows,
-                started)
+            targets = [float(t) for t in args.targets.split(",")]
+            if args.reuse_only:
+                rows += reuse_only(name, args.methods.split(","), targets[0], args, Path(tmp))
+                write_reuse(rows, args)
+                continue
+            run(name, args.methods.split(","), targets, args, Path(tmp), rows, started)
+    if args.reuse_only:
+        return
     write(rows, args, started)
     print(markdown(rows, args))
 
