@@ -379,7 +379,7 @@ def test_assembling_the_anchor_of_an_anchored_database_is_its_sequential_prune(m
 def test_anchored_search_starts_from_the_best_heuristic_as_it_is_and_never_ends_worse(
         saved_model_dir, text_files, tmp_path, capsys):
     model_dir = saved_model_dir()
-    flags = ["--profile-levels", "0.4:0.8:0.1", "--generations", "2", "--offspring", "3", "--fidelity", "1,2",
+    flags = ["--method", "sparsegpt", "--profile-levels", "0.4:0.8:0.1", "--generations", "2", "--offspring", "3", "--fidelity", "1,2",
              "--no-compare", "--database", "anchored", "--start", "best", "--start-alphas", "0.5,3",
              "--importance-samples", "2", "--rescore", "2", "--storage", str(tmp_path / "db")]
     assert profile_main(_flags(model_dir, text_files, tmp_path / "a", *flags)) == 0, capsys.readouterr().err
