@@ -19,6 +19,7 @@ from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
 from raysparse.profile.levels import Grid, parse_levels, snap, target_index, weighted_sparsity
+from raysparse.profile.plot import write_plot
 
 logger = logging.getLogger(__name__)
 
@@ -200,29 +201,6 @@ def choose_anchor(ctx, config: TrialConfig, options: ProfileOptions, heuristics:
     logger.info("the anchored database is centred on %s (validation perplexity %s)", rows[0]["name"],
                 ", ".join(f"{r['name']} {r['val_ppl']:.4g}" for r in rows))
     return rows[0]["name"], rows[0]["ratios"], rows
-
-
-def write_plot(path: Path, profiles: dict[str, list[float]], curve: list[float], search: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, ratios in profiles.items():
-        left.plot(range(len(ratios)), ratios, marker="o", markersize=3, label=label)
-    left.set_xlabel("decoder layer")
-    left.set_ylabel("pruning ratio")
-    left.set_title("per-layer sparsity profile")
-    left.legend(fontsize=8)
-    right.plot(range(len(curve)), curve, marker=".")
-    right.set_xlabel("generation" if search == "evolution" else "batch of proposals")
-    right.set_ylabel("KL to dense (validation, highest fidelity)")
-    right.set_title(f"fitness ({search})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
 
 
 def rescore(ctx, config: TrialConfig, restore_dense, candidates: list[dict[str, Any]], windows: torch.Tensor,
