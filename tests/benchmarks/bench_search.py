@@ -17,7 +17,8 @@ On the default space (tiny preset, iterative pruning to 80%, masked recovery):
 (4) the hand recipes users run today (p=0.1, 3 epochs per iteration, uniform, lr 1e-5 and 1e-3).
 Searches decide on validation text; the chosen configuration's test perplexity comes from
 the search's final evaluation, the hand recipes' from `run_trial` (report_test is on).
-Writes results/bench_search.json, .md and bench_search_curves.png beside this file.
+Writes results/bench_search.json, .md and bench_search_curves.png beside this file (`--label`
+names them otherwise; `--space` runs another space, `--hand-from` reuses a run's hand recipes).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def one_search(args, storage: Path, searcher: str, seed: int, mode: str) -> dict
     settings = SearchSettings(searcher=searcher, seed=seed, num_samples=args.num_samples,
                               max_concurrent=args.max_concurrent, early_stopping=asha, storage=str(storage), name=name,
                               grace_sparsity_pct=args.grace_sparsity_pct,
-                              stopped_trials="ignore" if mode == "ignore" else "pruned")
+                              stopped_trials="ignore" if mode == "ignore" else "pruned", space=str(args.space))
     report = run_search(settings)
     rows = sorted(report["rows"], key=trial_index)
     best = report["best"] or {}
@@ -115,9 +116,9 @@ def one_search(args, storage: Path, searcher: str, seed: int, mode: str) -> dict
     return result
 
 
-def hand_recipe(name: str, overrides: dict, mode: str) -> dict:
+def hand_recipe(name: str, overrides: dict, mode: str, fixed: dict) -> dict:
     """A recipe as a user runs it by hand: the space's fixed settings plus the recipe's knobs."""
-    config = {**load_space(DEFAULT_SPACE).fixed, **HAND_BASE, **overrides, **(QUICK_HAND if mode == "quick" else {})}
+    config = {**fixed, **HAND_BASE, **overrides, **(QUICK_HAND if mode == "quick" else {})}
     start = time.perf_counter()
     summary = run_trial(config).summary  # report_test on: ppl_final is the test perplexity
     row = {"variant": name + (" [quick]" if mode == "quick" else ""), "config": {k: config[k] for k in
@@ -128,10 +129,10 @@ def hand_recipe(name: str, overrides: dict, mode: str) -> dict:
     return row
 
 
-def hand_recipes(mode: str) -> list[dict]:
+def hand_recipes(mode: str, space) -> list[dict]:
     """Both recipes at once as Ray tasks holding 1 CPU each, like two concurrent search trials."""
     run = ray.remote(num_cpus=1)(hand_recipe)
-    rows = ray.get([run.remote(name, overrides, mode) for name, overrides in HAND.items()])
+    rows = ray.get([run.remote(name, overrides, mode, space.fixed) for name, overrides in HAND.items()])
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
@@ -247,13 +248,14 @@ def fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def to_markdown(result: dict) -> str:
+def to_markdown(result: dict, plot_name: str = "bench_search_curves.png") -> str:
     """The table and the targets, in the style of the other benchmark results."""
     s, agg, t = result["settings"], result["summary"]["groups"], result["summary"]["targets"]
     lines = [f"{s['num_samples']} trials per search, search seeds {s['seeds']}, max_concurrent "
              f"{s['max_concurrent']}, ASHA from {s.get('grace_sparsity_pct', 20)}% sparsity, {result['meta']['machine']}, {result['meta']['date']}; total wall "
              f"{result['wall_s'] / 60:.1f} min. val = validation ppl (what decides), test = the chosen "
-             "configuration's test ppl (never used to choose). Plot: bench_search_curves.png", "",
+             f"configuration's test ppl (never used to choose). Space: {s.get('space_file', 'search_spaces/default.yaml')}. "
+             f"Plot: {plot_name}", "",
              "| variant | final best val (median [min-max]) | test of chosen (median) | trials to reach random's "
              "final median | train steps per search (median) | wall s per search (median) |",
              "|---|---|---|---|---|---|"]
@@ -304,16 +306,29 @@ def main() -> None:
     parser.add_argument("--hand", choices=("full", "quick", "skip"), default="full",
                         help="hand recipes: full (p=0.1, 16 iterations x 3 epochs), quick (smoke runs) or skip")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--space", type=Path, default=DEFAULT_SPACE,
+                        help="the space the searches run (the hand recipes use its fixed settings)")
+    parser.add_argument("--hand-from", type=Path,
+                        help="a bench_search.json whose hand recipes to reuse (its space's fixed settings must "
+                             "be this space's: the recipes depend on nothing else)")
+    parser.add_argument("--label", default="bench_search",
+                        help="output file stem: LABEL.json, LABEL.md and LABEL_curves.png")
     parser.add_argument("--resume", type=Path, help="storage folder of a run cut short: keep what it finished")
     parser.add_argument("--no-new-runs", action="store_true", help="with --resume: only summarise what is there")
     parser.add_argument("--variants", default=",".join(f"{s}-{m}" for s, m in VARIANTS),
                         help="which searches to run (the summary covers every one run so far)")
     args = parser.parse_args()
+    space = load_space(args.space)
     load_start = os.getloadavg()
     storage = args.resume or Path(tempfile.mkdtemp(prefix="raysparse-bench-search-"))
     print(f"storage: {storage}", flush=True)
     hand_file, searches_file = storage / "bench_hand.json", storage / "bench_searches.json"
     hand = json.loads(hand_file.read_text()) if hand_file.is_file() else None
+    if hand is None and args.hand_from:
+        previous = json.loads(args.hand_from.read_text())
+        if previous["settings"]["space"]["fixed"] != space.to_dict()["fixed"]:
+            raise SystemExit(f"--hand-from {args.hand_from}: its space fixes other settings than {args.space}")
+        hand = previous["hand"]
     searches = json.loads(searches_file.read_text()) if searches_file.is_file() else []
     done = {s["name"] for s in searches}
     # Variant by variant in the order of VARIANTS (TPE, random, random without ASHA, Sobol, TPE
@@ -326,7 +341,7 @@ def main() -> None:
     if not args.no_new_runs and (plan or hand is None):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         if hand is None:
-            hand = hand_recipes(args.hand) if args.hand != "skip" else []
+            hand = hand_recipes(args.hand, space) if args.hand != "skip" else []
             hand_file.write_text(json.dumps(hand))
         for searcher, seed, mode in plan:
             searches.append(one_search(args, storage, searcher, seed, mode))
@@ -338,7 +353,8 @@ def main() -> None:
 
     result = {
         "settings": {"num_samples": args.num_samples, "grace_sparsity_pct": args.grace_sparsity_pct,
-                     "seeds": sorted({s["seed"] for s in searches}), "max_concurrent": args.max_concurrent, "hand": args.hand, "space": load_space(DEFAULT_SPACE).to_dict(),
+                     "seeds": sorted({s["seed"] for s in searches}), "max_concurrent": args.max_concurrent, "hand": args.hand, "space": space.to_dict(),
+                     "space_file": str(args.space),
                      "hand_recipes": {k: {**HAND_BASE, **v} for k, v in HAND.items()}},
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared), " + platform.machine(),
                  "loadavg_1_5_15min_start": load_start, "loadavg_1_5_15min_end": os.getloadavg(),
@@ -353,9 +369,9 @@ def main() -> None:
         "wall_s": round(sum(s["wall_s"] for s in searches) + max((h["wall_s"] for h in hand), default=0.0), 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(result["summary"]["groups"], hand, args.out / "bench_search_curves.png")
-    (args.out / "bench_search.json").write_text(json.dumps(result, indent=2, default=str))
-    (args.out / "bench_search.md").write_text(to_markdown(result))
+    plot(result["summary"]["groups"], hand, args.out / f"{args.label}_curves.png")
+    (args.out / f"{args.label}.json").write_text(json.dumps(result, indent=2, default=str))
+    (args.out / f"{args.label}.md").write_text(to_markdown(result, f"{args.label}_curves.png"))
     print(to_markdown(result))
 
 
