@@ -371,8 +371,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plot(result["summary"]["groups"], hand, args.out / f"{args.label}_curves.png")
     (args.out / f"{args.label}.json").write_text(json.dumps(result, indent=2, default=str))
-    (args.out / f"{args.label}.md").write_text(to_markdown(result, f"{args.label}_curves.png"))
-    print(to_markdown(result))
+    markdown = to_markdown(result, f"{args.label}_curves.png")
+    (args.out / f"{args.label}.md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,9 @@ def sampler_for(space: SearchSpace, variant: str, seed: int, budget: int, batch:
     """`random`, `qmc`, `optuna` (the product's samplers), TPE with another start-up count,
     `optuna:start=4`, or Optuna's Gaussian-process sampler, `gp` / `gp:start=6` (not offered by
     the product: on this surrogate it did no better than TPE). (Optuna 5's TPE already lies about running trials: constant_liar is on.)"""
-    if variant.startswith("gp"):  # exploration: Optuna's Gaussian-process sampler
-        _, _, start = variant.partition(":start=")
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=int(start) if start else 10)
     searcher, _, start = variant.partition(":start=")
+    if searcher == "gp":  # exploration: Optuna's Gaussian-process sampler
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=int(start) if start else 10)
     settings = SearchSettings(searcher=searcher, seed=seed, num_samples=budget, max_concurrent=batch,
                               startup_trials=int(start) if start else None)
     return make_sampler(space, settings)
