@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 
 import pytest
@@ -395,3 +396,32 @@ def test_anchored_search_starts_from_the_best_heuristic_as_it_is_and_never_ends_
     assert record["total_sparsity"] == pytest.approx(0.6, abs=1e-6) and record["database"] == {"computed": 2}
     assert profile_main(_flags(model_dir, text_files, tmp_path / "b", *flags)) == 0
     assert json.loads((tmp_path / "b" / "profile_search.json").read_text())["database"] == {"hit": 2}
+
+
+def test_cross_entropy_fitness_is_the_models_own_loss(saved_model_dir):
+    """`ce` scores a window as transformers' causal-LM loss does (the mean over predicted tokens)."""
+    from raysparse.models.loading import load_model
+    from raysparse.profile.fitness import cross_entropy, fitness
+
+    loaded = load_model(str(saved_model_dir()), "cpu", "auto", False)
+    windows = torch.randint(3, 300, (3, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        loss = float(loaded.model(input_ids=windows, labels=windows).loss)
+    assert cross_entropy(loaded.model, windows, 3, 2, torch.device("cpu")) == pytest.approx(loss, rel=1e-5)
+    assert fitness(loaded.model, windows, None, 3, 2, torch.device("cpu")) == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_cross_entropy_search_scores_what_the_rescoring_measures(saved_model_dir, text_files, tmp_path, capsys):
+    """With `--fitness ce` on the windows the validation perplexity reads, a re-pruned
+    candidate's fitness is the log of its validation perplexity: the search and the rescoring
+    judge by one measure."""
+    out = tmp_path / "ce"
+    code = profile_main(_flags(saved_model_dir(), text_files, out, "--profile-levels", "0.4:0.8:0.1",
+                               "--generations", "2", "--offspring", "3", "--survivors", "2", "--fidelity", "1,2",
+                               "--no-compare", "--rescore", "2", "--eval-max-windows", "2", "--fitness", "ce"))
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "profile_search.json").read_text())
+    assert record["fitness"] == "ce" and record["options"]["fitness"] == "ce"
+    assert record["kl"] <= record["kl_uniform"] + 1e-9
+    for row in record["rescored"]:
+        assert math.exp(row["kl_pruned"]) == pytest.approx(row["val_ppl"], rel=1e-4)

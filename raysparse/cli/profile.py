@@ -9,7 +9,7 @@ from raysparse.cli.common import EXIT_INTERRUPTED, fail, setup_logging
 from raysparse.cli.flags import add_settings, given_settings
 from raysparse.config import TrialConfig
 from raysparse.errors import RaysparseError
-from raysparse.profile.driver import DATABASES, SEARCHES, ProfileOptions
+from raysparse.profile.driver import DATABASES, FITNESSES, SEARCHES, ProfileOptions
 
 
 def build_profile_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,10 @@ def build_profile_parser() -> argparse.ArgumentParser:
                    help=f"children promoted from the first fidelity to the next (default {d.survivors})")
     g.add_argument("--fidelity", default=d.fidelity,
                    help=f"validation windows per fidelity stage, increasing (default {d.fidelity})")
+    g.add_argument("--fitness", choices=FITNESSES, default=d.fitness,
+                   help="what a candidate is scored by on the validation windows: kl (to the dense model's "
+                        "next-token distributions, EvoPress) or ce (next-token cross-entropy, i.e. log validation "
+                        f"perplexity) (default {d.fitness})")
     g.add_argument("--max-step", type=int, default=d.max_step, help="largest level switch, in grid steps (default 1)")
     g.add_argument("--trials", type=int, default=d.trials, help=f"Optuna proposals in all (default {d.trials})")
     g.add_argument("--eval-workers", dest="eval_workers", type=int, default=d.workers,
@@ -71,7 +75,7 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
         config = TrialConfig.from_dict(values)
         options = ProfileOptions(levels=args.levels, search=args.search, generations=args.generations,
                                  offspring=args.offspring, survivors=args.survivors, fidelity=args.fidelity,
-                                 max_step=args.max_step, trials=args.trials, workers=args.eval_workers,
+                                 fitness=args.fitness, max_step=args.max_step, trials=args.trials, workers=args.eval_workers,
                                  storage=args.storage, compare=args.compare, rescore=args.rescore,
                                  start=args.start, start_alphas=args.start_alphas, database=args.database)
         from raysparse.config.inputs import check_inputs

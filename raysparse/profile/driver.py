@@ -18,6 +18,7 @@ import torch
 from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
+from raysparse.profile.fitness import FITNESSES
 from raysparse.profile.levels import Grid, parse_levels, snap, target_index, weighted_sparsity
 from raysparse.profile.plot import write_plot
 
@@ -38,6 +39,9 @@ class ProfileOptions:
     offspring: int = 16
     survivors: int = 4
     fidelity: str = "2,8"  # validation windows: many candidates on the first count, survivors on the last
+    # "kl" to the dense model's outputs, or "ce" (validation cross-entropy); the record's `kl*`
+    # fields hold whichever was searched on
+    fitness: str = "kl"
     max_step: int = 1
     trials: int = 200  # Optuna proposals
     workers: int = 0  # Ray actors scoring candidates (0: in-process)
@@ -98,6 +102,8 @@ def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[
         if importlib.util.find_spec("cmaes") is None:
             raise ConfigError("--search cmaes needs the cmaes package (Optuna's CMA-ES): pip install cmaes, "
                               "or use --search tpe")
+    if options.fitness not in FITNESSES:
+        raise ConfigError(f"--fitness {options.fitness}: choose one of {', '.join(FITNESSES)}")
     if options.database not in DATABASES:
         raise ConfigError(f"--database {options.database}: choose one of {', '.join(DATABASES)}")
     if options.rescore < 0:
@@ -173,14 +179,14 @@ def choose_start(options: ProfileOptions, config: TrialConfig, heuristics: dict[
     scores = evaluate([candidates[n] for n in names], windows)
     kls = dict(zip(names, scores))
     best = min(names, key=kls.__getitem__)
-    logger.info("search starts from %s (validation KL %s)", best,
+    logger.info("search starts from %s (validation fitness %s)", best,
                 ", ".join(f"{n} {k:.4g}" for n, k in kls.items()))
     return best, candidates[best], kls, candidates
 
 
 def choose_anchor(ctx, config: TrialConfig, options: ProfileOptions, heuristics: dict[str, list[float]],
                   sizes: list[int], fingerprint: str | None, restore_dense, windows: torch.Tensor,
-                  reference: torch.Tensor) -> tuple[str, list[float], list[dict[str, Any]]]:
+                  reference: torch.Tensor | None) -> tuple[str, list[float], list[dict[str, Any]]]:
     """The profile an anchored database is centred on, its name, and the sequential prunes that
     chose it (best validation perplexity first; empty when there was nothing to choose). With
     "best" every candidate (uniform, each heuristic as it is) is pruned once as launch/prune.py
@@ -204,23 +210,22 @@ def choose_anchor(ctx, config: TrialConfig, options: ProfileOptions, heuristics:
 
 
 def rescore(ctx, config: TrialConfig, restore_dense, candidates: list[dict[str, Any]], windows: torch.Tensor,
-            reference: torch.Tensor) -> list[dict[str, Any]]:
+            reference: torch.Tensor | None) -> list[dict[str, Any]]:
     """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
     rank them by validation perplexity: the search ranks *assembled* models, whose order the
-    sequential prune does not always keep. Each row also gets the pruned model's own KL on the
-    search's validation windows (`kl_pruned`), comparable across on- and off-grid candidates.
-    Best first."""
-    from raysparse.profile.fitness import kl_to_reference
+    sequential prune does not always keep. Each row also gets the pruned model's own fitness on
+    the search's validation windows (`kl_pruned`: KL, or cross-entropy without a `reference`),
+    comparable across on- and off-grid candidates. Best first."""
+    from raysparse.profile.fitness import fitness
     from raysparse.prune import prune
 
     rows = []
     for candidate in candidates:
         restore_dense()
         prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, candidate["ratios"])
-        kl = kl_to_reference(ctx.loaded.model, windows, reference, windows.shape[0], config.eval_batch_size,
-                             ctx.device)
+        kl = fitness(ctx.loaded.model, windows, reference, windows.shape[0], config.eval_batch_size, ctx.device)
         rows.append({**candidate, "kl_pruned": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
-        logger.info("rescored %s: KL %.4g after the prune, validation perplexity %.4g", candidate["name"], kl,
+        logger.info("rescored %s: fitness %.4g after the prune, validation perplexity %.4g", candidate["name"], kl,
                     rows[-1]["val_ppl"])
     restore_dense()
     return sorted(rows, key=lambda row: row["val_ppl"])
@@ -265,7 +270,7 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     model = ctx.loaded.model.eval()
     dense = DenseWeights(adapter)
     windows = _validation_windows(ctx.val_stream, ctx.settings.eval_seqlen, fidelities[-1])
-    reference = log_probs(model, windows, config.eval_batch_size, ctx.device)
+    reference = log_probs(model, windows, config.eval_batch_size, ctx.device) if options.fitness == "kl" else None
     revision = getattr(model.config, "_commit_hash", None)
     fingerprint = model_fingerprint(ctx.loaded.path, revision)
     anchored = options.database == "anchored"
@@ -360,6 +365,7 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
     ratios = chosen["ratios"]
     record: dict[str, Any] = {
         "model": config.model, "method": config.method, "target": config.target_ratio, "levels": levels,
+        "fitness": options.fitness,  # what the `kl*` fields below hold: "kl" to dense or "ce" (nats/token)
         "database_inputs": options.database, "anchor": list(grid.anchor) if anchored else None,
         "options": asdict(options), "layer_ratios": ratios, "chosen": chosen["name"],
         "profile": chosen["profile"],  # grid indices; None when a heuristic off the grid won the rescoring

@@ -104,14 +104,15 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             base = {**base_model, "method": method, "sparsity": str(target), "nsamples": args.nsamples,
                     "importance_samples": args.importance_samples, "stats_cache": stats,
                     "min_pruning_rate": 0.0, "max_pruning_rate": 0.95}
-            row = {"model": name, "method": method, "target": target, "database": args.database}
+            row = {"model": name, "method": method, "target": target, "database": args.database,
+                   "fitness": args.fitness}
             row["uniform"] = trial(base)
             row["importance"] = best_alpha(base, "removal", args.alphas)
             row["owl"] = best_alpha(base, "owl", args.alphas)
             out = work / f"search-{name}-{method}-{target}"
             options = ProfileOptions(levels=args.grid, generations=args.generations, offspring=args.offspring,
                                      survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
-                                     compare=False, start=args.start, rescore=args.rescore,
+                                     fitness=args.fitness, compare=False, start=args.start, rescore=args.rescore,
                                      start_alphas=",".join(str(a) for a in args.alphas), database=args.database)
             config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                                 "stats_cache")},
@@ -205,7 +206,7 @@ def markdown(rows: list[dict], args) -> str:
              "Test perplexity after one-shot pruning (lower is better); alpha and the searched profile chosen on "
              "validation only. `gain` = 1 - searched / best heuristic (uniform, importance, OWL).", "",
              "| model | method | target | uniform | importance (alpha) | OWL (alpha) | searched | gain | "
-             "KL uniform -> searched (val) | started from | chosen by rescoring | search / one prune | db build s | "
+             "KL (or CE) uniform -> searched (val) | started from | chosen by rescoring | search / one prune | db build s | "
              "db reload s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -215,7 +216,8 @@ def markdown(rows: list[dict], args) -> str:
             f"| {r['model']} | {r['method']} | {r['target']} | {r['uniform']['test_ppl']:.2f} | "
             f"{r['importance']['test_ppl']:.2f} ({r['importance']['alpha']}) | {r['owl']['test_ppl']:.2f} "
             f"({r['owl']['alpha']}) | {s['test_ppl']:.2f} | {100 * r['searched_vs_best_heuristic']:+.1f}% | "
-            f"{kl_from(s)} -> {'off-grid' if s['kl'] is None else format(s['kl'], '.3f')} | "
+            f"{'CE ' if r.get('fitness') == 'ce' else ''}{kl_from(s)} -> "
+            f"{'off-grid' if s['kl'] is None else format(s['kl'], '.3f')} | "
             f"{s.get('start', 'uniform')}{' (anchored db)' if r.get('database') == 'anchored' else ''} | "
             f"{s.get('chosen', '-')} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
             f"{reuse.get('reload_s', '')} |")
@@ -232,6 +234,8 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=8)
     parser.add_argument("--survivors", type=int, default=3)
     parser.add_argument("--fidelity", default="1,4")
+    parser.add_argument("--fitness", choices=("kl", "ce"), default="kl",
+                        help="the search's fitness on validation windows: KL to dense, or cross-entropy")
     parser.add_argument("--rescore", type=int, default=4,
                         help="re-prune the K best-KL profiles (and the start) sequentially; keep the best validation ppl")
     parser.add_argument("--start", default="best",
