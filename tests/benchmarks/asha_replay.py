@@ -2,7 +2,7 @@
 
 Run after bench_search.py (reads the experiment folders it left in its storage):
 
-    python tests/benchmarks/asha_replay.py [--storage DIR] [--grace 20,25,30,40] [--reduction 2,3,4]
+    python tests/benchmarks/asha_replay.py [--storage DIR] [--grace 20,25,30,40] [--reduction 2,3,4] [--label NAME]
 
 A search without early stopping holds every trial's full history (one Tune report per
 pruning iteration: sparsity_pct, val_ppl, the level and value before it, steps, time). This
@@ -16,7 +16,7 @@ rung can know. Independent random searches concatenated are one larger random se
 full searches pooled (in each rotation of their order) show how the savings grow with the
 budget, for grace 20 and 30 at reduction 2. Replaying an ASHA search's own histories with its own settings must reproduce
 its real stops: that checks the replay.
-Writes results/bench_search_asha_replay.json and .md beside this file.
+Writes results/bench_search_asha_replay.json and .md (or results/LABEL.*) beside this file.
 """
 from __future__ import annotations
 
@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--storage", type=Path, default=None)
     parser.add_argument("--grace", default="20,25,30,40", help="first rungs to try, in percent sparsity")
     parser.add_argument("--reduction", default="2,3,4", help="ASHA reduction factors to try")
+    parser.add_argument("--label", default="bench_search_asha_replay",
+                        help="results/LABEL.{json,md} (e.g. bench_search_wide_asha_replay for a --space run)")
     args = parser.parse_args()
     storage = args.storage or Path(json.loads((OUT / "bench_search.json").read_text())["storage"])
     result: dict = {"storage": str(storage), "checks": [], "sweep": []}
@@ -139,7 +141,7 @@ def main() -> None:
                                     "worst_best_gap_pct": max(gaps) if gaps else None, "per_search": per_search})
     result["pooled"] = pooled_replays(list(full.values()))
     result["rung_vs_final_spearman"] = rung_correlation(list(full.values()), [20, 25, 30, 40, 50, 60, 70])
-    (OUT / "bench_search_asha_replay.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / f"{args.label}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Replays of {len(full)} searches run without early stopping ({', '.join(full)}), two slots; "
              "steps ratio = training steps with ASHA / without; gap = best completed validation ppl vs the "
              "no-early-stopping best (target: ratio <= 0.5 at gap <= 2%).", "",
@@ -157,7 +159,7 @@ def main() -> None:
               + ", ".join(f"{rung}%: {rho}" for rung, rho in result["rung_vs_final_spearman"].items()),
               "", "Replay check (ASHA searches replayed with grace 20, reduction 2; trials whose real status it "
               "reproduces): " + ", ".join(f"{c['search']} {c['agree']}/{c['trials']}" for c in result["checks"])]
-    (OUT / "bench_search_asha_replay.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{args.label}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
