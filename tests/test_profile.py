@@ -247,6 +247,8 @@ def test_owl_allocation_inside_a_trial(saved_model_dir, text_files):
     (["--sparsity", "2:4"], "N:M pattern"),
     (["--method", "magnitude"], "wanda or sparsegpt"),
     (["--fidelity", "8,2"], "increasing"),
+    (["--rounds", "2", "--rescore", "2"], "--database anchored"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
     (["--owl-m", "0"], "owl_m"),
     (["--start", "nowhere.json"], "file not found"),
     (["--start-alphas", "1,x"], "--start-alphas"),
@@ -425,3 +427,27 @@ def test_a_cross_entropy_search_scores_what_the_rescoring_measures(saved_model_d
     assert record["kl"] <= record["kl_uniform"] + 1e-9
     for row in record["rescored"]:
         assert math.exp(row["kl_pruned"]) == pytest.approx(row["val_ppl"], rel=1e-4)
+
+
+def test_rounds_re_centre_the_database_on_each_winner_and_keep_the_best(saved_model_dir, text_files, tmp_path, capsys):
+    """Each round is anchored on the previous round's winner, the anchor competes in its
+    rescoring (so validation never gets worse from round to round), and the answer is the
+    best round's profile."""
+    out = tmp_path / "rounds"
+    flags = ["--method", "sparsegpt", "--profile-levels", "0.4:0.8:0.1", "--generations", "3", "--offspring", "4",
+             "--fidelity", "1,2", "--no-compare", "--database", "anchored", "--rescore", "2", "--rounds", "3",
+             "--eval-max-windows", "2"]
+    assert profile_main(_flags(saved_model_dir(), text_files, out, *flags)) == 0, capsys.readouterr().err
+    record = json.loads((out / "profile_search.json").read_text())
+    rounds = record["rounds"]
+    assert 1 <= len(rounds) <= 3 and (rounds[-1]["converged"] or len(rounds) == 3)
+    assert all(not r["converged"] for r in rounds[:-1])
+    for before, after in zip(rounds, rounds[1:]):
+        assert after["anchor"] == pytest.approx(before["layer_ratios"])  # re-centred on the winner
+        assert after["val_ppl"] <= before["val_ppl"] * (1 + 1e-4)  # the anchor competed
+        assert (out / f"round-{after['round']}" / "profile_search.json").exists()
+    best = min(rounds, key=lambda r: r["val_ppl"])
+    assert record["best_round"] == best["round"] and record["layer_ratios"] == best["layer_ratios"]
+    saved = json.loads((out / "best_profile.json").read_text())
+    assert saved["layer_ratios"] == pytest.approx(best["layer_ratios"])
+    assert record["rounds_total"]["search_s"] >= max(r["search_s"] for r in rounds)

@@ -57,6 +57,9 @@ def build_profile_parser() -> argparse.ArgumentParser:
                         "prune's validation perplexity with --start best) and its entries are calibrated on the "
                         "inputs that profile's prune gives, so the search scores profiles near it as "
                         "launch/prune.py prunes them (default dense)")
+    g.add_argument("--rounds", type=int, default=d.rounds,
+                   help="with --database anchored and --rescore: search, re-centre the database on the winner "
+                        "(OUTPUT/round-K), search again, up to N rounds; stops when the anchor wins (default 1)")
     g.add_argument("--start-alphas", default=None,
                    help="comma list of alphas for the importance / OWL start candidates (default --alpha)")
     g.add_argument("--no-compare", dest="compare", action="store_false",
@@ -77,13 +80,15 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
                                  offspring=args.offspring, survivors=args.survivors, fidelity=args.fidelity,
                                  fitness=args.fitness, max_step=args.max_step, trials=args.trials, workers=args.eval_workers,
                                  storage=args.storage, compare=args.compare, rescore=args.rescore,
-                                 start=args.start, start_alphas=args.start_alphas, database=args.database)
+                                 start=args.start, start_alphas=args.start_alphas, database=args.database,
+                                 rounds=args.rounds)
         from raysparse.config.inputs import check_inputs
-        from raysparse.profile.driver import check_profile_request, run_profile_search
+        from raysparse.profile.driver import check_profile_request
+        from raysparse.profile.rounds import run_rounds
 
         check_profile_request(config, options)
         check_inputs(config)
-        record = run_profile_search(config, options)
+        record = run_rounds(config, options)
     except RaysparseError as exc:
         return fail(str(exc))
     except KeyboardInterrupt:
@@ -94,11 +99,15 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
     start = record["start"]
     baseline = (f"uniform {record['kl_uniform']:.5g}" if record["kl_uniform"] is not None
                 else f"start {min(start['kl'].values()):.5g}, database anchored on it")
-    print(f"KL to dense      {kl} assembled ({baseline}, validation; started from {start['name']})")
+    label = "KL to dense  " if record["fitness"] == "kl" else "cross-entropy"
+    print(f"{label}    {kl} assembled ({baseline}, validation; started from {start['name']})")
     if record["rescored"]:
         best = record["rescored"][0]
-        print(f"chosen           {record['chosen']}: validation perplexity {best['val_ppl']:.4g}, KL "
+        print(f"chosen           {record['chosen']}: validation perplexity {best['val_ppl']:.4g}, {record['fitness']} "
               f"{best['kl_pruned']:.5g} after the sequential prune ({len(record['rescored'])} re-pruned)")
+    for r in record.get("rounds", []):
+        print(f"round {r['round']:<10} anchored on {r['anchor_name']}: {r['chosen']} chosen, validation perplexity "
+              f"{r['val_ppl']:.4g}{' (the anchor won: stopped)' if r['converged'] else ''}")
     print(f"database         {record['database_s']:.1f}s {record['database']}; search {record['search_s']:.1f}s"
           f"; rescoring {record['rescore_s']:.1f}s")
     if config.output:

@@ -56,6 +56,7 @@ class ProfileOptions:
     # "anchored": the grid is centred on the start profile (chosen first, by the sequential
     # prune's validation perplexity when "best") and entries see the inputs its prune gives.
     database: str = "dense"
+    rounds: int = 1  # > 1: re-centre the anchored database on each round's winner and search again (rounds.py)
 
     def alphas(self, default: float) -> list[float]:
         if not self.start_alphas:
@@ -108,6 +109,11 @@ def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[
         raise ConfigError(f"--database {options.database}: choose one of {', '.join(DATABASES)}")
     if options.rescore < 0:
         raise ConfigError(f"--rescore must be >= 0, got {options.rescore}")
+    if options.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {options.rounds}")
+    if options.rounds > 1 and (options.database != "anchored" or options.rescore < 1):
+        raise ConfigError("--rounds re-centres an anchored database on each round's winner, chosen by rescoring: "
+                          "add --database anchored and --rescore K (e.g. 4)")
     for name in ("generations", "offspring", "survivors", "max_step", "trials"):
         if getattr(options, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
@@ -193,6 +199,7 @@ def choose_anchor(ctx, config: TrialConfig, options: ProfileOptions, heuristics:
     would: the anchor must be the best heuristic on the measure that decides, since the
     search explores around it."""
     from raysparse.config.layer_ratios import check_layer_ratios, read_layer_ratios
+    from raysparse.profile.rescore import rescore
 
     uniform = [config.target_ratio] * len(sizes)
     if options.start == "uniform":
@@ -209,52 +216,13 @@ def choose_anchor(ctx, config: TrialConfig, options: ProfileOptions, heuristics:
     return rows[0]["name"], rows[0]["ratios"], rows
 
 
-def rescore(ctx, config: TrialConfig, restore_dense, candidates: list[dict[str, Any]], windows: torch.Tensor,
-            reference: torch.Tensor | None) -> list[dict[str, Any]]:
-    """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
-    rank them by validation perplexity: the search ranks *assembled* models, whose order the
-    sequential prune does not always keep. Each row also gets the pruned model's own fitness on
-    the search's validation windows (`kl_pruned`: KL, or cross-entropy without a `reference`),
-    comparable across on- and off-grid candidates. Best first."""
-    from raysparse.profile.fitness import fitness
-    from raysparse.prune import prune
-
-    rows = []
-    for candidate in candidates:
-        restore_dense()
-        prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, candidate["ratios"])
-        kl = fitness(ctx.loaded.model, windows, reference, windows.shape[0], config.eval_batch_size, ctx.device)
-        rows.append({**candidate, "kl_pruned": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
-        logger.info("rescored %s: fitness %.4g after the prune, validation perplexity %.4g", candidate["name"], kl,
-                    rows[-1]["val_ppl"])
-    restore_dense()
-    return sorted(rows, key=lambda row: row["val_ppl"])
-
-
-def rescore_candidates(result, options: ProfileOptions, grid: Grid, start_candidates: dict[str, list[int]],
-                       start_kls: dict[str, float], unsnapped: dict[str, list[float]]) -> list[dict[str, Any]]:
-    """The search's best K, and every profile it could have begun from, on the grid and as it
-    is (heuristic ratios off the grid): KL picked the start on assembled models, but what
-    decides is the validation perplexity of the sequential prune, so the answer is never worse
-    there than any of them — nor than the best heuristic itself."""
-    rows = [{"name": f"searched #{i + 1}", "profile": profile, "ratios": grid.ratios(profile), "kl": kl}
-            for i, (profile, kl) in enumerate(result.top(options.rescore))]
-    for name, profile in start_candidates.items():
-        if all(profile != row["profile"] for row in rows):
-            rows.append({"name": f"{name} on the grid", "profile": profile, "ratios": grid.ratios(profile),
-                         "kl": result.scored.get(tuple(profile), start_kls.get(name))})
-    for name, ratios in unsnapped.items():
-        if all(any(abs(a - b) > 1e-9 for a, b in zip(ratios, row["ratios"])) for row in rows):
-            rows.append({"name": name, "profile": None, "ratios": list(ratios), "kl": None})
-    return rows
-
-
 def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
     """The whole search; returns its record (also written to OUTPUT/profile_search.json)."""
     from raysparse.config.layer_ratios import write_layer_ratios
     from raysparse.models.fingerprint import model_fingerprint
     from raysparse.profile.database import DenseWeights, build_database
     from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
+    from raysparse.profile.rescore import rescore, rescore_candidates
     from raysparse.profile.search import evolve, optuna_search
     from raysparse.trial.cache import StatsCache
     from raysparse.trial.context import _prepare
@@ -352,11 +320,13 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
                 if row["name"] == anchor_name:
                     row.update(profile=start, kl=start_kls[anchor_name])
             known = [row["ratios"] for row in anchor_rows]
-            candidates = [row for row in rescore_candidates(result, options, grid, {}, {}, {})
+            # an anchor given as a file (or uniform) was not pruned yet: it competes like the others
+            starts = ({}, {}) if anchor_rows else (start_candidates, start_kls)
+            candidates = [row for row in rescore_candidates(result, options.rescore, grid, *starts, {})
                           if all(any(abs(a - b) > 1e-9 for a, b in zip(row["ratios"], r)) for r in known)]
         else:
             unsnapped = dict(heuristics) if options.start == "best" else {}
-            candidates = rescore_candidates(result, options, grid, start_candidates, start_kls, unsnapped)
+            candidates = rescore_candidates(result, options.rescore, grid, start_candidates, start_kls, unsnapped)
         rescored = sorted(rescore(ctx, config, dense.restore, candidates, windows, reference) + anchor_rows,
                           key=lambda row: row["val_ppl"])
         rescore_s = time.perf_counter() - rescore_started

@@ -64,7 +64,7 @@ def evolve(start: Sequence[int], sizes: Sequence[int], num_levels: int, evaluate
         if candidates and best_scores[0] < parent_fit:
             parent, parent_fit = candidates[0], best_scores[0]
         result.curve.append(parent_fit)
-        bar.set_postfix(kl=f"{parent_fit:.4g}")
+        bar.set_postfix(fitness=f"{parent_fit:.4g}")
     result.best, result.fitness = parent, parent_fit
     return result
 
@@ -99,6 +99,6 @@ def optuna_search(start: Sequence[int], target_idx: int, sizes: Sequence[int], n
             if score < best_fit:
                 best, best_fit = profile, score
         result.curve.append(best_fit)
-        bar.set_postfix(kl=f"{best_fit:.4g}")
+        bar.set_postfix(fitness=f"{best_fit:.4g}")
     result.best, result.fitness = best, best_fit
     return result

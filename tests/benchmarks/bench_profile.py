@@ -37,6 +37,7 @@ from real_models import SMOLLM2_INSTALL, smollm2_gguf_path  # noqa: E402
 
 from raysparse.config import TrialConfig
 from raysparse.profile.driver import ProfileOptions, run_profile_search
+from raysparse.profile.rounds import run_rounds
 from raysparse.trial.runner import run_trial
 
 HERE = Path(__file__).resolve().parent
@@ -112,12 +113,12 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             out = work / f"search-{name}-{method}-{target}"
             options = ProfileOptions(levels=args.grid, generations=args.generations, offspring=args.offspring,
                                      survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
-                                     fitness=args.fitness, compare=False, start=args.start, rescore=args.rescore,
+                                     fitness=args.fitness, rounds=args.rounds, compare=False, start=args.start, rescore=args.rescore,
                                      start_alphas=",".join(str(a) for a in args.alphas), database=args.database)
             config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                                 "stats_cache")},
                                  output=str(out))
-            record = run_profile_search(config, options)
+            record = run_rounds(config, options)
             searched = trial(base, layer_ratios=str(out / "best_profile.json"))
             prune_s = row["uniform"]["prune_s"] or float("nan")
             row["searched"] = {**searched, "kl": record["kl"], "kl_uniform": record["kl_uniform"],
@@ -128,9 +129,9 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
                                "chosen": record.get("chosen"), "rescore_s": record.get("rescore_s"),
                                "rescored": [{k: r[k] for k in ("name", "kl", "kl_pruned", "val_ppl")}
                                             for r in record.get("rescored", [])],
-                               "search_over_prune": round((record["database_s"] + record["start"]["s"] + record["search_s"]
-                                                           + record.get("rescore_s", 0.0))
-                                                          / prune_s, 1)}
+                               "rounds": [{k: r[k] for k in ("round", "anchor_name", "chosen", "val_ppl", "converged")}
+                                          for r in record.get("rounds", [])],
+                               "search_over_prune": round(search_seconds(record) / prune_s, 1)}
             heuristics = min(row["uniform"]["test_ppl"], row["importance"]["test_ppl"], row["owl"]["test_ppl"])
             row["searched_vs_best_heuristic"] = round(1 - searched["test_ppl"] / heuristics, 4)
             rows.append(row)
@@ -192,6 +193,23 @@ def write_reuse(rows: list[dict], args) -> None:
     (out / "bench_profile_reuse.md").write_text("\n".join(lines) + "\n")
 
 
+def search_seconds(record: dict) -> float:
+    """Database, start, search and rescoring seconds, summed over the rounds when there were several."""
+    if "rounds_total" in record:
+        t = record["rounds_total"]
+        return t["database_s"] + t["start_s"] + t["search_s"] + t["rescore_s"]
+    return record["database_s"] + record["start"]["s"] + record["search_s"] + record.get("rescore_s", 0.0)
+
+
+def rounds_note(searched: dict) -> str:
+    rounds = searched.get("rounds") or []
+    if not rounds:
+        return ""
+    best = min(rounds, key=lambda r: r["val_ppl"])
+    values = " -> ".join(format(r["val_ppl"], ".2f") for r in rounds)
+    return f" (round {best['round']} of {len(rounds)}, val {values})"
+
+
 def kl_from(searched: dict) -> str:
     """The KL the search improved on: uniform's, or the anchor's on an anchored grid (no uniform there)."""
     if searched.get("kl_uniform") is not None:
@@ -219,7 +237,7 @@ def markdown(rows: list[dict], args) -> str:
             f"{'CE ' if r.get('fitness') == 'ce' else ''}{kl_from(s)} -> "
             f"{'off-grid' if s['kl'] is None else format(s['kl'], '.3f')} | "
             f"{s.get('start', 'uniform')}{' (anchored db)' if r.get('database') == 'anchored' else ''} | "
-            f"{s.get('chosen', '-')} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
+            f"{s.get('chosen', '-')}{rounds_note(s)} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
             f"{reuse.get('reload_s', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -236,6 +254,8 @@ def main() -> None:
     parser.add_argument("--fidelity", default="1,4")
     parser.add_argument("--fitness", choices=("kl", "ce"), default="kl",
                         help="the search's fitness on validation windows: KL to dense, or cross-entropy")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="anchored database only: re-centre it on each round's winner and search again")
     parser.add_argument("--rescore", type=int, default=4,
                         help="re-prune the K best-KL profiles (and the start) sequentially; keep the best validation ppl")
     parser.add_argument("--start", default="best",
