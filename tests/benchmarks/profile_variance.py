@@ -65,9 +65,11 @@ def main() -> None:
                 "sparsity": str(args.target), "nsamples": args.nsamples}
         fingerprint = model_fingerprint(base["model"])
         for name, ratios in profiles.items():
-            path = write_layer_ratios(Path(tmp) / f"{name.split(' ')[0]}.json", ratios, base["model"], fingerprint,
-                                      args.target)
-            runs = [trial(base, layer_ratios=str(path), seed=int(seed)) for seed in args.seeds.split(",")]
+            extra = {}
+            if ratios is not None:  # None: the uniform heuristic (no per-layer ratios recorded)
+                extra["layer_ratios"] = str(write_layer_ratios(Path(tmp) / f"{name.split(' ')[0]}.json", ratios,
+                                                               base["model"], fingerprint, args.target))
+            runs = [trial(base, seed=int(seed), **extra) for seed in args.seeds.split(",")]
             out["profiles"][name] = {"val": spread([r["val_ppl"] for r in runs]),
                                      "test": spread([r["test_ppl"] for r in runs])}
             print(name, out["profiles"][name], flush=True)
@@ -81,8 +83,8 @@ def main() -> None:
              "", f"Machine: {platform.machine()}; command: `python tests/benchmarks/profile_variance.py "
              f"{' '.join(sys.argv[1:])}`; {out['wall_s']} s", "",
              f"Same ratios, calibration seeds {args.seeds}, {args.eval_windows} validation and test windows "
-             "(bench_profile: seed 0, 8 windows).", "",
-             "| profile | recorded test (seed 0, 8 windows) | val mean ± std | test mean ± std | test per seed |",
+             "(bench_profile: seed 0, its --eval-windows).", "",
+             "| profile | recorded test (bench_profile row: seed 0) | val mean ± std | test mean ± std | test per seed |",
              "|---|---|---|---|---|"]
     for name in names:
         p = out["profiles"][name]
