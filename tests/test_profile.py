@@ -249,6 +249,7 @@ def test_owl_allocation_inside_a_trial(saved_model_dir, text_files):
     (["--fidelity", "8,2"], "increasing"),
     (["--rounds", "2", "--rescore", "2"], "--database anchored"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--rescore-seeds", "0"], "--rescore-seeds must be >= 1"),
     (["--owl-m", "0"], "owl_m"),
     (["--start", "nowhere.json"], "file not found"),
     (["--start-alphas", "1,x"], "--start-alphas"),
@@ -451,3 +452,22 @@ def test_rounds_re_centre_the_database_on_each_winner_and_keep_the_best(saved_mo
     saved = json.loads((out / "best_profile.json").read_text())
     assert saved["layer_ratios"] == pytest.approx(best["layer_ratios"])
     assert record["rounds_total"]["search_s"] >= max(r["search_s"] for r in rounds)
+
+
+def test_rescoring_with_several_calibration_draws_ranks_by_their_mean(saved_model_dir, text_files, tmp_path, capsys):
+    """--rescore-seeds 2: every candidate pruned with the trial's own draw and one more; the first
+    draw is exactly what a single-draw rescoring measures, and the ranking reads the mean."""
+    model_dir = saved_model_dir()
+    flags = ["--profile-levels", "0.4:0.8:0.1", "--generations", "2", "--offspring", "3", "--fidelity", "1,2",
+             "--no-compare", "--rescore", "2", "--eval-max-windows", "2", "--storage", str(tmp_path / "db")]
+    assert profile_main(_flags(model_dir, text_files, tmp_path / "one", *flags)) == 0, capsys.readouterr().err
+    assert profile_main(_flags(model_dir, text_files, tmp_path / "two", *flags, "--rescore-seeds", "2")) == 0
+    one = {r["name"]: r for r in json.loads((tmp_path / "one" / "profile_search.json").read_text())["rescored"]}
+    two = json.loads((tmp_path / "two" / "profile_search.json").read_text())["rescored"]
+    assert {r["name"] for r in two} == set(one)
+    for row in two:
+        first, second = row["val_ppl_seeds"]
+        assert first == pytest.approx(one[row["name"]]["val_ppl"], rel=1e-5)
+        assert row["val_ppl"] == pytest.approx((first + second) / 2)
+    assert any(abs(r["val_ppl_seeds"][0] - r["val_ppl_seeds"][1]) > 1e-6 for r in two)  # the draws differ
+    assert [r["val_ppl"] for r in two] == sorted(r["val_ppl"] for r in two)

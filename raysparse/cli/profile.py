@@ -57,6 +57,9 @@ def build_profile_parser() -> argparse.ArgumentParser:
                         "prune's validation perplexity with --start best) and its entries are calibrated on the "
                         "inputs that profile's prune gives, so the search scores profiles near it as "
                         "launch/prune.py prunes them (default dense)")
+    g.add_argument("--rescore-seeds", type=int, default=d.rescore_seeds,
+                   help="prune each rescored profile with N calibration draws (seed, seed+1, ...) and rank by the "
+                        "mean validation perplexity: one draw's luck no longer decides (default 1)")
     g.add_argument("--rounds", type=int, default=d.rounds,
                    help="with --database anchored and --rescore: search, re-centre the database on the winner "
                         "(OUTPUT/round-K), search again, up to N rounds; stops when the anchor wins (default 1)")
@@ -81,7 +84,7 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
                                  fitness=args.fitness, max_step=args.max_step, trials=args.trials, workers=args.eval_workers,
                                  storage=args.storage, compare=args.compare, rescore=args.rescore,
                                  start=args.start, start_alphas=args.start_alphas, database=args.database,
-                                 rounds=args.rounds)
+                                 rescore_seeds=args.rescore_seeds, rounds=args.rounds)
         from raysparse.config.inputs import check_inputs
         from raysparse.profile.driver import check_profile_request
         from raysparse.profile.rounds import run_rounds

@@ -56,6 +56,7 @@ class ProfileOptions:
     # "anchored": the grid is centred on the start profile (chosen first, by the sequential
     # prune's validation perplexity when "best") and entries see the inputs its prune gives.
     database: str = "dense"
+    rescore_seeds: int = 1  # calibration draws per rescored candidate, ranked by their mean validation ppl
     rounds: int = 1  # > 1: re-centre the anchored database on each round's winner and search again (rounds.py)
 
     def alphas(self, default: float) -> list[float]:
@@ -109,6 +110,8 @@ def check_profile_request(config: TrialConfig, options: ProfileOptions) -> list[
         raise ConfigError(f"--database {options.database}: choose one of {', '.join(DATABASES)}")
     if options.rescore < 0:
         raise ConfigError(f"--rescore must be >= 0, got {options.rescore}")
+    if options.rescore_seeds < 1:
+        raise ConfigError(f"--rescore-seeds must be >= 1, got {options.rescore_seeds}")
     if options.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {options.rounds}")
     if options.rounds > 1 and (options.database != "anchored" or options.rescore < 1):
@@ -210,7 +213,7 @@ def choose_anchor(ctx, config: TrialConfig, options: ProfileOptions, heuristics:
         return options.start, [float(r) for r in ratios], []
     candidates = [{"name": name, "profile": None, "ratios": list(r), "kl": None}
                   for name, r in {"uniform": uniform, **heuristics}.items()]
-    rows = rescore(ctx, config, restore_dense, candidates, windows, reference)
+    rows = rescore(ctx, config, restore_dense, candidates, windows, reference, options.rescore_seeds)
     logger.info("the anchored database is centred on %s (validation perplexity %s)", rows[0]["name"],
                 ", ".join(f"{r['name']} {r['val_ppl']:.4g}" for r in rows))
     return rows[0]["name"], rows[0]["ratios"], rows
@@ -327,7 +330,8 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         else:
             unsnapped = dict(heuristics) if options.start == "best" else {}
             candidates = rescore_candidates(result, options.rescore, grid, start_candidates, start_kls, unsnapped)
-        rescored = sorted(rescore(ctx, config, dense.restore, candidates, windows, reference) + anchor_rows,
+        rescored = sorted(rescore(ctx, config, dense.restore, candidates, windows, reference, options.rescore_seeds)
+                          + anchor_rows,
                           key=lambda row: row["val_ppl"])
         rescore_s = time.perf_counter() - rescore_started
     chosen = rescored[0] if rescored else {"name": "searched #1", "profile": result.best,

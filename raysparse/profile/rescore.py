@@ -17,24 +17,47 @@ from raysparse.profile.levels import Grid
 logger = logging.getLogger(__name__)
 
 
+def calibration_draws(ctx, config: TrialConfig, seeds: int) -> list[torch.Tensor]:
+    """The trial's calibration windows, then `seeds - 1` other draws (seed + 1, seed + 2, ...)."""
+    from raysparse.data.sources import calibration_windows, resolve_source, token_stream
+
+    if seeds == 1:
+        return [ctx.calib]
+    stream = token_stream(ctx.loaded.tokenizer, resolve_source(ctx.settings.calib_data, "calibration"))
+    return [ctx.calib] + [calibration_windows(stream, config.nsamples, ctx.settings.seqlen, config.seed + k)
+                          for k in range(1, seeds)]
+
+
 def rescore(ctx, config: TrialConfig, restore_dense, candidates: list[dict[str, Any]], windows: torch.Tensor,
-            reference: torch.Tensor | None) -> list[dict[str, Any]]:
+            reference: torch.Tensor | None, seeds: int = 1) -> list[dict[str, Any]]:
     """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
     rank them by validation perplexity: the search ranks *assembled* models, whose order the
     sequential prune does not always keep. Each row also gets the pruned model's own fitness on
     the search's validation windows (`kl_pruned`: KL, or cross-entropy without a `reference`),
-    comparable across on- and off-grid candidates. Best first."""
+    comparable across on- and off-grid candidates. Best first.
+
+    With `seeds` > 1 every candidate is pruned once per calibration draw and ranked by the mean:
+    at high sparsity one draw moves perplexity by several percent (profile_variance.py), so
+    the best of a dozen single draws is mostly the luckiest draw, not the best profile."""
     from raysparse.profile.fitness import fitness
     from raysparse.prune import prune
 
+    draws = calibration_draws(ctx, config, seeds)
     rows = []
     for candidate in candidates:
-        restore_dense()
-        prune(ctx.loaded.adapter, config, ctx.calib, ctx.device, candidate["ratios"])
-        kl = fitness(ctx.loaded.model, windows, reference, windows.shape[0], config.eval_batch_size, ctx.device)
-        rows.append({**candidate, "kl_pruned": kl, "val_ppl": ctx.evaluate(desc="rescoring a profile")})
-        logger.info("rescored %s: fitness %.4g after the prune, validation perplexity %.4g", candidate["name"], kl,
-                    rows[-1]["val_ppl"])
+        fits, vals = [], []
+        for calib in draws:
+            restore_dense()
+            prune(ctx.loaded.adapter, config, calib, ctx.device, candidate["ratios"])
+            fits.append(fitness(ctx.loaded.model, windows, reference, windows.shape[0], config.eval_batch_size,
+                                ctx.device))
+            vals.append(ctx.evaluate(desc="rescoring a profile"))
+        row = {**candidate, "kl_pruned": sum(fits) / len(fits), "val_ppl": sum(vals) / len(vals)}
+        if seeds > 1:
+            row["val_ppl_seeds"] = vals
+        rows.append(row)
+        logger.info("rescored %s: fitness %.4g after the prune, validation perplexity %.4g%s", candidate["name"],
+                    row["kl_pruned"], row["val_ppl"], f" (mean of {seeds} calibration draws)" if seeds > 1 else "")
     restore_dense()
     return sorted(rows, key=lambda row: row["val_ppl"])
 

@@ -113,7 +113,8 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
             out = work / f"search-{name}-{method}-{target}"
             options = ProfileOptions(levels=args.grid, generations=args.generations, offspring=args.offspring,
                                      survivors=args.survivors, fidelity=args.fidelity, storage=str(storage),
-                                     fitness=args.fitness, rounds=args.rounds, compare=False, start=args.start, rescore=args.rescore,
+                                     fitness=args.fitness, rounds=args.rounds,
+                                     rescore_seeds=args.rescore_seeds, compare=False, start=args.start, rescore=args.rescore,
                                      start_alphas=",".join(str(a) for a in args.alphas), database=args.database)
             config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
                                                                                 "stats_cache")},
@@ -254,6 +255,8 @@ def main() -> None:
     parser.add_argument("--fidelity", default="1,4")
     parser.add_argument("--fitness", choices=("kl", "ce"), default="kl",
                         help="the search's fitness on validation windows: KL to dense, or cross-entropy")
+    parser.add_argument("--rescore-seeds", type=int, default=1,
+                        help="calibration draws per rescored profile, ranked by mean validation ppl")
     parser.add_argument("--rounds", type=int, default=1,
                         help="anchored database only: re-centre it on each round's winner and search again")
     parser.add_argument("--rescore", type=int, default=4,
