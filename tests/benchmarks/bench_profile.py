@@ -128,7 +128,8 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
                                "start": record["start"]["name"], "start_kl": record["start"]["kl"],
                                "anchor": record.get("anchor"),
                                "chosen": record.get("chosen"), "rescore_s": record.get("rescore_s"),
-                               "rescored": [{k: r[k] for k in ("name", "kl", "kl_pruned", "val_ppl")}
+                               "rescored": [{k: r[k] for k in ("name", "kl", "kl_pruned", "val_ppl", "val_ppl_seeds")
+                                             if k in r}
                                             for r in record.get("rescored", [])],
                                "rounds": [{k: r[k] for k in ("round", "anchor_name", "chosen", "val_ppl", "converged")}
                                           for r in record.get("rounds", [])],
