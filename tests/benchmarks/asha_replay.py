@@ -111,12 +111,14 @@ def main() -> None:
     parser.add_argument("--storage", type=Path, default=None)
     parser.add_argument("--grace", default="20,25,30,40", help="first rungs to try, in percent sparsity")
     parser.add_argument("--reduction", default="2,3,4", help="ASHA reduction factors to try")
+    parser.add_argument("--ran-grace", type=int, default=20,
+                        help="the first rung the storage's ASHA searches ran with (the recorded runs: 20)")
     parser.add_argument("--label", default="bench_search_asha_replay",
                         help="results/LABEL.{json,md} (e.g. bench_search_wide_asha_replay for a --space run)")
     args = parser.parse_args()
     storage = args.storage or Path(json.loads((OUT / "bench_search.json").read_text())["storage"])
     result: dict = {"storage": str(storage), "checks": [], "sweep": []}
-    default = (20, REDUCTION_FACTOR)
+    default = (args.ran_grace, REDUCTION_FACTOR)
     for experiment in sorted(storage.glob("*-asha")):  # the replay must reproduce what ASHA did
         hist = histories(experiment)
         same = replay(hist, *default)
@@ -157,7 +159,7 @@ def main() -> None:
                           for p in result["pooled"])]
     lines += ["", "Rank correlation (Spearman) of a trial's validation ppl at a sparsity rung with its final one: "
               + ", ".join(f"{rung}%: {rho}" for rung, rho in result["rung_vs_final_spearman"].items()),
-              "", "Replay check (ASHA searches replayed with grace 20, reduction 2; trials whose real status it "
+              "", f"Replay check (ASHA searches replayed with grace {args.ran_grace}, reduction 2; trials whose real status it "
               "reproduces): " + ", ".join(f"{c['search']} {c['agree']}/{c['trials']}" for c in result["checks"])]
     (OUT / f"{args.label}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
