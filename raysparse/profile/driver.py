@@ -19,7 +19,7 @@ from raysparse.config import TrialConfig
 from raysparse.errors import ConfigError
 from raysparse.paths import write_json_atomic
 from raysparse.profile.fitness import FITNESSES
-from raysparse.profile.levels import Grid, parse_levels, snap, target_index, weighted_sparsity
+from raysparse.profile.levels import Grid, parse_levels, same_ratios, snap, target_index, weighted_sparsity
 from raysparse.profile.plot import write_plot
 
 logger = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
             # an anchor given as a file (or uniform) was not pruned yet: it competes like the others
             starts = ({}, {}) if anchor_rows else (start_candidates, start_kls)
             candidates = [row for row in rescore_candidates(result, options.rescore, grid, *starts, {})
-                          if all(any(abs(a - b) > 1e-9 for a, b in zip(row["ratios"], r)) for r in known)]
+                          if not any(same_ratios(row["ratios"], r) for r in known)]
         else:
             unsnapped = dict(heuristics) if options.start == "best" else {}
             candidates = rescore_candidates(result, options.rescore, grid, start_candidates, start_kls, unsnapped)

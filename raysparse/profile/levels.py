@@ -79,6 +79,11 @@ def weighted_sparsity(ratios: Sequence[float], sizes: Sequence[int]) -> float:
     return sum(r * s for r, s in zip(ratios, sizes)) / sum(sizes)
 
 
+def same_ratios(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Two per-layer profiles are the same (ratios equal up to float noise)."""
+    return len(a) == len(b) and all(abs(x - y) <= 1e-9 for x, y in zip(a, b))
+
+
 def total_sparsity(profile: Sequence[int], levels: Sequence[float], sizes: Sequence[int]) -> float:
     """Parameter-weighted mean level of a profile."""
     return weighted_sparsity([levels[i] for i in profile], sizes)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from raysparse.config import TrialConfig
-from raysparse.profile.levels import Grid
+from raysparse.profile.levels import Grid, same_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,6 @@ def rescore_candidates(result, top: int, grid: Grid, start_candidates: dict[str,
             rows.append({"name": f"{name} on the grid", "profile": profile, "ratios": grid.ratios(profile),
                          "kl": result.scored.get(tuple(profile), start_kls.get(name))})
     for name, ratios in unsnapped.items():
-        if all(any(abs(a - b) > 1e-9 for a, b in zip(ratios, row["ratios"])) for row in rows):
+        if not any(same_ratios(ratios, row["ratios"]) for row in rows):
             rows.append({"name": name, "profile": None, "ratios": list(ratios), "kl": None})
     return rows

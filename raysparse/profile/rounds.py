@@ -21,15 +21,12 @@ from typing import Any
 from raysparse.config import TrialConfig
 from raysparse.paths import write_json_atomic
 from raysparse.profile.driver import ProfileOptions, run_profile_search
+from raysparse.profile.levels import same_ratios
 
 logger = logging.getLogger(__name__)
 
 # what run_profile_search writes to OUTPUT, copied up from the best round
 OUTPUTS = ("best_profile.json", "anchor_profile.json", "profile.png")
-
-
-def _same(a: list[float], b: list[float]) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= 1e-9 for x, y in zip(a, b))
 
 
 def run_rounds(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
@@ -44,7 +41,7 @@ def run_rounds(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
         record = run_profile_search(replace(config, output=str(out / f"round-{number}")),
                                     replace(options, start=start, rounds=1, storage=storage))
         chosen = record["rescored"][0]
-        converged = _same(record["layer_ratios"], record["anchor"])
+        converged = same_ratios(record["layer_ratios"], record["anchor"])
         rounds.append({"round": number, "anchor": record["anchor"], "anchor_name": record["start"]["name"],
                        "chosen": record["chosen"], "val_ppl": chosen["val_ppl"], "kl_pruned": chosen["kl_pruned"],
                        "layer_ratios": record["layer_ratios"], "converged": converged,
