@@ -185,3 +185,31 @@ def test_batch_size_aware_rule():
     config = TrialConfig(recovery="masked", batch_scaled=True, lr=5e-6, batch_size=4, total_samples=10000)
     assert config.effective_lr() == pytest.approx(1e-5)
     assert config.effective_max_steps() == 2500
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_projection_to_the_target_measures_a_pruned_copy_and_leaves_the_trial_alone(
+        saved_model_dir, text_files, tmp_path, method):
+    """--project-to-target: below the target each record carries the validation ppl of the
+    current model pruned one-shot to the target; the trial itself runs exactly as without it."""
+    model_dir = saved_model_dir()
+    plain = run_trial(small_trial(model_dir, text_files, tmp_path / "plain", method=method))
+    projected_records = []
+    projected = run_trial(small_trial(model_dir, text_files, tmp_path / "projected", method=method,
+                                      project_to_target=True), reporter=projected_records.append)
+    history, plain_history = projected.summary["history"], plain.summary["history"]
+    assert len(history) == len(plain_history) >= 2
+    for record, same in zip(history, plain_history):  # the projection changes nothing the trial does
+        assert record["ppl_after_train"] == pytest.approx(same["ppl_after_train"], rel=1e-6)
+        assert record["sparsity"] == pytest.approx(same["sparsity"], abs=1e-9)
+    assert all("ppl_projected" in r for r in history[:-1]) and "ppl_projected" not in history[-1]
+    assert history[0]["ppl_projected_before"] is None
+    assert [r["ppl_projected_before"] for r in history[1:]] == [r["ppl_projected"] for r in history[:-1]]
+    assert "ppl_projected" not in plain_history[0] and "ppl_projected_before" not in plain_history[0]
+    # Without recovery, a two-step schedule's projection after step 1 is exactly what step 2
+    # does (prune the step-1 model to the target): a projection at the wrong level, from the
+    # wrong weights or with a lost mask would differ.
+    two = run_trial(small_trial(model_dir, text_files, tmp_path / "two", method=method, recovery="none",
+                                sparsity="0.75", prune_percentage=0.5, project_to_target=True)).summary["history"]
+    assert [r["target_sparsity"] for r in two] == [0.5, 0.75]
+    assert two[0]["ppl_projected"] == pytest.approx(two[1]["ppl_after_train"], rel=1e-5)

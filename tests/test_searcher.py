@@ -130,3 +130,46 @@ def test_with_asha_optuna_hears_the_rung_values():
     (trial,) = search._ot_study.trials
     assert sorted(trial.intermediate_values) == [20, 40]
     assert trial.intermediate_values[40] == pytest.approx(30.0 * (40 / 30) ** (40 / 48))
+
+
+def test_projected_rung_metric_ranks_by_the_projection_in_asha_and_optuna():
+    """--rung-metric projected: ASHA and TPE read val_ppl_projected (interpolated from its own
+    previous point), not the trial's own ppl; at the target the two are the same number."""
+    from types import SimpleNamespace
+
+    from raysparse.search.milestones import PROJECTED
+    from raysparse.search.searcher import _make_scheduler, decision_metric
+    from raysparse.search.trainable import _trial_metrics
+
+    settings = SearchSettings(grace_sparsity_pct=20, rung_metric="projected")
+    assert decision_metric(settings) == PROJECTED == "val_ppl_projected"
+    assert decision_metric(SearchSettings()) == "val_ppl"
+    assert _make_searcher(parse_space(SPACE, source="test space"), settings).searcher.metric == PROJECTED
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("a", "b", "c")}
+
+    def decisions(scheduler):
+        for trial in trials.values():
+            scheduler.on_trial_add(None, trial)
+        out = []
+        for name, own, projected in (("c", 33.0, 100.0), ("b", 32.0, 90.0), ("a", 31.0, 300.0)):
+            record = {"iteration": 1, "target_sparsity": 0.3, "sparsity_before": 0.0, "sparsity": 0.3,
+                      "ppl_before": 30.0, "ppl_after_train": own, "ppl_projected": projected,
+                      "ppl_projected_before": None}
+            out.append(scheduler.on_trial_result(None, trials[name], _trial_metrics(record)))
+        return out
+
+    # "a" has the best own ppl and by far the worst projection: stopped only when ranked by it.
+    assert decisions(_make_scheduler(settings)) == ["CONTINUE", "CONTINUE", "STOP"]
+    assert decisions(_make_scheduler(SearchSettings(grace_sparsity_pct=20))) == ["CONTINUE", "CONTINUE", "CONTINUE"]
+    # At the target the projection is the trial's own value; the previous projection is the
+    # point interpolation starts from.
+    last = _trial_metrics({"iteration": 2, "target_sparsity": 0.8, "sparsity_before": 0.3, "sparsity": 0.8,
+                           "ppl_before": 34.0, "ppl_after_train": 90.0, "ppl_projected_before": 100.0})
+    assert last[PROJECTED] == last["val_ppl"] == 90.0 and last["val_ppl_projected_before"] == 100.0
+
+
+def test_projected_rung_metric_needs_the_perplexity_objective():
+    from raysparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="goes with --objective final_ppl, not ppl_vs_compute"):
+        SearchSettings(rung_metric="projected", objective="ppl_vs_compute").validate()

@@ -18,6 +18,12 @@ from typing import Any, Mapping
 MILESTONE = "sparsity_pct"  # the planned sparsity level of a report, in whole percent
 BEFORE_PCT = "sparsity_pct_before"  # the level before this iteration pruned (0: the dense model)
 BEFORE_VALUE = "val_ppl_before"  # the validation perplexity at that level
+PROJECTED = "val_ppl_projected"  # the validation ppl of the model pruned one-shot to the target
+
+
+def before_key(metric: str) -> str:
+    """The report key holding `metric`'s value at the previous level (val_ppl -> val_ppl_before)."""
+    return f"{metric}_before"
 
 
 def asha_rungs(grace_pct: int, reduction_factor: float = 2, max_pct: int = 101) -> list[int]:
@@ -42,7 +48,7 @@ def crossed_rungs(result: Mapping[str, Any], metric: str, rungs: list[int]) -> l
     for every rung it crossed: never better than the truth, since perplexity grows with sparsity.
     """
     current = (float(result[MILESTONE]), float(result[metric]))
-    before_value = result.get(BEFORE_VALUE)
+    before_value = result.get(before_key(metric))
     previous = float(result.get(BEFORE_PCT) or 0)
     usable = before_value is not None and math.isfinite(float(before_value)) and float(before_value) > 0 \
         and current[1] > 0 and math.isfinite(current[1])

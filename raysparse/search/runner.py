@@ -205,7 +205,7 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
 
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space, experiment=remote or str(experiment),
-                             stats_cache=stats_dir),
+                             stats_cache=stats_dir, project=settings.rung_metric == "projected"),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial,
          **({settings.driver_resource: 1} if settings.driver_resource else {})},
     )

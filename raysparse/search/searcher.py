@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from raysparse.paths import write_json_atomic
-from raysparse.search.milestones import MILESTONE, asha_rungs, crossed_rungs
+from raysparse.search.milestones import MILESTONE, PROJECTED, asha_rungs, crossed_rungs
 from raysparse.search.settings import OBJECTIVES, SearchSettings
 from raysparse.search.space import SearchSpace
 
@@ -89,6 +89,15 @@ def make_sampler(space: SearchSpace, settings: SearchSettings):
                                       n_startup_trials=startup_trials(settings))
 
 
+def decision_metric(settings: SearchSettings) -> str | list[str]:
+    """The report key the searcher and ASHA read: the objective's metric(s), or with
+    --rung-metric projected the projected ppl, which equals val_ppl at the target itself."""
+    metrics, _ = OBJECTIVES[settings.objective]
+    if settings.rung_metric == "projected":
+        return PROJECTED
+    return metrics if len(metrics) > 1 else metrics[0]
+
+
 def _make_searcher(space: SearchSpace, settings: SearchSettings):
     from ray.tune.search import ConcurrencyLimiter
 
@@ -98,7 +107,7 @@ def _make_searcher(space: SearchSpace, settings: SearchSettings):
     sampler = make_sampler(space, settings)
     asha = settings.early_stopping and len(metrics) == 1
     searcher = OptunaSearch(
-        space=space.optuna_define_by_run(), metric=metrics if len(metrics) > 1 else metrics[0],
+        space=space.optuna_define_by_run(), metric=decision_metric(settings),
         mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
         rungs=asha_rungs(settings.grace_sparsity_pct, REDUCTION_FACTOR, MAX_PCT) if asha else None,
         stopped=settings.stopped_trials,
@@ -186,6 +195,6 @@ def _make_scheduler(settings: SearchSettings, state_file: str | None = None):
     metrics, modes = OBJECTIVES[settings.objective]
     if not settings.early_stopping or len(metrics) > 1:
         return FIFOScheduler()
-    return persistent_asha_class()(state_file=state_file, time_attr=MILESTONE, metric=metrics[0], mode=modes[0],
-                                   max_t=MAX_PCT, grace_period=settings.grace_sparsity_pct,
+    return persistent_asha_class()(state_file=state_file, time_attr=MILESTONE, metric=decision_metric(settings),
+                                   mode=modes[0], max_t=MAX_PCT, grace_period=settings.grace_sparsity_pct,
                                    reduction_factor=REDUCTION_FACTOR)

@@ -67,6 +67,11 @@ class SearchSettings:
     grace_sparsity_pct: int = setting(40, "first ASHA milestone, in percent sparsity (rungs double: 40, 80)",
                                       within="[1, 100)",
                                       fix="it is the sparsity in percent at which ASHA first compares trials, e.g. 40")
+    rung_metric: str = setting("val_ppl", "what ASHA and TPE compare at the sparsity milestones: val_ppl (the trial's "
+                               "own validation ppl there) or projected (its model pruned one-shot to the target "
+                               "first, which ranks trials at low sparsity where their own ppl cannot; costs one "
+                               "prune and evaluation per iteration; --objective final_ppl)",
+                               choices=("val_ppl", "projected"))
     stopped_trials: str = setting("pruned", "what TPE learns from a trial ASHA stopped: pruned (Optuna's PRUNED, "
                                   "ranked below every finished trial) or ignore (told FAIL: only finished trials "
                                   "shape its model; for spaces whose early milestones do not rank the final "
@@ -100,6 +105,9 @@ class SearchSettings:
                                                  or self.driver_resource.lower() in ("cpu", "gpu", "memory")):
             raise ConfigError(f"--driver-resource '{self.driver_resource}' must name a custom resource, "
                               "e.g. driver (cluster.yaml gives the head node {\"driver\": 8})")
+        if self.rung_metric == "projected" and self.objective != "final_ppl":
+            raise ConfigError(f"--rung-metric projected ranks trials by validation perplexity at the target: it "
+                              f"goes with --objective final_ppl, not {self.objective} (drop --rung-metric)")
         if self.name is not None:
             check_experiment_name(self.name)
         return self

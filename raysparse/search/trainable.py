@@ -11,7 +11,7 @@ from typing import Any
 
 from raysparse.cluster.storage import delete_dir, join
 from raysparse.config import TrialConfig
-from raysparse.search.milestones import BEFORE_PCT, BEFORE_VALUE
+from raysparse.search.milestones import BEFORE_PCT, BEFORE_VALUE, PROJECTED, before_key
 from raysparse.search.resume import finished_in, finished_on_storage, last_attempt, restore_into
 from raysparse.search.space import SearchSpace
 from raysparse.trial.checkpoint import checkpoint_of
@@ -25,6 +25,11 @@ def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """What each Tune report carries: the objective on every report (strict metric checking)."""
     return {
         "val_ppl": float(record["ppl_after_train"]),  # validation text: what the searcher and ASHA decide on
+        # With project_to_target: below the target, the ppl of the model pruned one-shot to the
+        # target (what --rung-metric projected ranks by); at the target, the trial's own value.
+        PROJECTED: float(record.get("ppl_projected") or record["ppl_after_train"]),
+        before_key(PROJECTED): None if record.get("ppl_projected_before") is None
+        else float(record["ppl_projected_before"]),
         "ppl_after_prune": None if record.get("ppl_after_prune") is None else float(record["ppl_after_prune"]),
         "sparsity": float(record["sparsity"]),
         # lm-eval's mean accuracy on the validation split (None without eval_tasks)
@@ -60,7 +65,7 @@ def _final_metrics(summary: dict[str, Any], placement: dict[str, Any]) -> dict[s
 
 
 def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str,
-                     stats_cache: str | None = None) -> None:
+                     stats_cache: str | None = None, project: bool = False) -> None:
     """Tune function trainable: one raysparse trial, resumable through Tune's checkpoints.
 
     The trial works in a node-local scratch folder; after every finished iteration it
@@ -81,7 +86,10 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str
     shutil.rmtree(output, ignore_errors=True)  # resume from Tune's checkpoint, never a stale leftover
     # report_test off: a search's trials never look at the test text; run_search evaluates the
     # configurations it chose on it once the search is over.
-    config = dataclasses.replace(space.sample_config(params), output=str(output), resume=True, report_test=False,
+    sampled = space.sample_config(params)
+    # project: --rung-metric projected, whose value each report must carry (project_to_target).
+    config = dataclasses.replace(sampled, output=str(output), resume=True, report_test=False,
+                                 project_to_target=project or sampled.project_to_target,
                                  stats_cache=stats_cache, ray_train_storage=join(experiment, name, RAY_TRAIN_DIR))
     try:
         _run(config, output, join(experiment, name))

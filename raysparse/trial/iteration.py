@@ -22,6 +22,7 @@ from raysparse.paths import write_json_atomic
 from raysparse.recover.loop import TrainingDiverged
 from raysparse.sparsity.masks import Masks, measure_sparsity, verify_masks
 from raysparse.trial.context import TrialContext
+from raysparse.trial.projection import projected_perplexity
 from raysparse.trial.recovery import _recover, recovery_pct
 from raysparse.trial.state import SUMMARY_FILE, TrialState
 from raysparse.trial.steps import PruneStep
@@ -79,6 +80,13 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
     else:
         record["ppl_after_train"] = ppl_after_prune
     verify_masks(ctx.loaded.model, masks)
+    if config.project_to_target:
+        if index + 1 < len(state.levels):
+            with ctx.timer.phase("projection"):
+                record["ppl_projected"] = projected_perplexity(ctx, state, step, masks)
+            verify_masks(ctx.loaded.model, masks)
+        # The previous point on the same curve, for interpolating to a rung (None: the first iteration).
+        record["ppl_projected_before"] = state.history[-1].get("ppl_projected") if state.history else None
     if ctx.tasks is not None:  # every iteration: a search may rank trials by it at each milestone
         with ctx.timer.phase("zeroshot"):
             record["zeroshot"] = ctx.zeroshot("validation", desc=f"zero-shot ({index + 1}/{len(state.levels)})")
