@@ -441,12 +441,18 @@ def test_rounds_re_centre_the_database_on_each_winner_and_keep_the_best(saved_mo
     assert profile_main(_flags(saved_model_dir(), text_files, out, *flags)) == 0, capsys.readouterr().err
     record = json.loads((out / "profile_search.json").read_text())
     rounds = record["rounds"]
-    assert 1 <= len(rounds) <= 3 and (rounds[-1]["converged"] or len(rounds) == 3)
+    assert 2 <= len(rounds) <= 3 and (rounds[-1]["converged"] or len(rounds) == 3)
     assert all(not r["converged"] for r in rounds[:-1])
     for before, after in zip(rounds, rounds[1:]):
         assert after["anchor"] == pytest.approx(before["layer_ratios"])  # re-centred on the winner
         assert after["val_ppl"] <= before["val_ppl"] * (1 + 1e-4)  # the anchor competed
         assert (out / f"round-{after['round']}" / "profile_search.json").exists()
+        # the anchor is the previous winner, pruned then: its numbers are reused, not re-measured
+        rescored = json.loads((out / f"round-{after['round']}" / "profile_search.json").read_text())["rescored"]
+        anchor_row = next(r for r in rescored if r["ratios"] == pytest.approx(after["anchor"], abs=1e-9))
+        assert anchor_row.get("measured_before") is True and anchor_row["val_ppl"] == before["val_ppl"]
+    first = json.loads((out / "round-1" / "profile_search.json").read_text())["rescored"]
+    assert not any(r.get("measured_before") for r in first)  # nothing to reuse in the first round
     best = min(rounds, key=lambda r: r["val_ppl"])
     assert record["best_round"] == best["round"] and record["layer_ratios"] == best["layer_ratios"]
     saved = json.loads((out / "best_profile.json").read_text())

@@ -58,6 +58,8 @@ class ProfileOptions:
     database: str = "dense"
     rescore_seeds: int = 1  # calibration draws per rescored candidate, ranked by their mean validation ppl
     rounds: int = 1  # > 1: re-centre the anchored database on each round's winner and search again (rounds.py)
+    # sequential prunes measured by earlier rounds (rounds.py): a candidate with the same ratios is not pruned again
+    known_rows: tuple[dict[str, Any], ...] = ()
 
     def alphas(self, default: float) -> list[float]:
         if not self.start_alphas:
@@ -330,8 +332,8 @@ def run_profile_search(config: TrialConfig, options: ProfileOptions) -> dict[str
         else:
             unsnapped = dict(heuristics) if options.start == "best" else {}
             candidates = rescore_candidates(result, options.rescore, grid, start_candidates, start_kls, unsnapped)
-        rescored = sorted(rescore(ctx, config, dense.restore, candidates, windows, reference, options.rescore_seeds)
-                          + anchor_rows,
+        rescored = sorted(rescore(ctx, config, dense.restore, candidates, windows, reference, options.rescore_seeds,
+                                  options.known_rows) + anchor_rows,
                           key=lambda row: row["val_ppl"])
         rescore_s = time.perf_counter() - rescore_started
     chosen = rescored[0] if rescored else {"name": "searched #1", "profile": result.best,

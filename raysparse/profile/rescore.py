@@ -7,7 +7,7 @@ worse there than the profile it started from.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -15,6 +15,8 @@ from raysparse.config import TrialConfig
 from raysparse.profile.levels import Grid, same_ratios
 
 logger = logging.getLogger(__name__)
+
+MEASURED = ("kl_pruned", "val_ppl", "val_ppl_seeds")  # what a sequential prune of a profile measures
 
 
 def calibration_draws(ctx, config: TrialConfig, seeds: int) -> list[torch.Tensor]:
@@ -29,7 +31,7 @@ def calibration_draws(ctx, config: TrialConfig, seeds: int) -> list[torch.Tensor
 
 
 def rescore(ctx, config: TrialConfig, restore_dense, candidates: list[dict[str, Any]], windows: torch.Tensor,
-            reference: torch.Tensor | None, seeds: int = 1) -> list[dict[str, Any]]:
+            reference: torch.Tensor | None, seeds: int = 1, known: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Prune the dense model sequentially (as launch/prune.py will) with each candidate's ratios and
     rank them by validation perplexity: the search ranks *assembled* models, whose order the
     sequential prune does not always keep. Each row also gets the pruned model's own fitness on
@@ -38,13 +40,23 @@ def rescore(ctx, config: TrialConfig, restore_dense, candidates: list[dict[str, 
 
     With `seeds` > 1 every candidate is pruned once per calibration draw and ranked by the mean:
     at high sparsity one draw moves perplexity by several percent (profile_variance.py), so
-    the best of a dozen single draws is mostly the luckiest draw, not the best profile."""
+    the best of a dozen single draws is mostly the luckiest draw, not the best profile.
+
+    A candidate with the ratios of a `known` row (measured by an earlier round of the same
+    search: same model, windows and draws) takes that row's numbers instead of a new prune."""
     from raysparse.profile.fitness import fitness
     from raysparse.prune import prune
 
     draws = calibration_draws(ctx, config, seeds)
     rows = []
     for candidate in candidates:
+        measured = next((row for row in known if same_ratios(row["ratios"], candidate["ratios"])), None)
+        if measured is not None:
+            rows.append({**candidate, **{key: measured[key] for key in MEASURED if key in measured},
+                         "measured_before": True})
+            logger.info("rescored %s: measured before (%s), validation perplexity %.4g", candidate["name"],
+                        measured["name"], measured["val_ppl"])
+            continue
         fits, vals = [], []
         for calib in draws:
             restore_dense()

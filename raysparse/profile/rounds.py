@@ -36,10 +36,13 @@ def run_rounds(config: TrialConfig, options: ProfileOptions) -> dict[str, Any]:
         return run_profile_search(config, options)
     out = Path(config.output)
     storage = options.storage or config.stats_cache or str(out / "layer_db")  # one database cache for all rounds
-    start, rounds, best = options.start, [], None
+    start, rounds, best, known = options.start, [], None, []
     for number in range(1, options.rounds + 1):
+        # known: every profile an earlier round pruned sequentially (this round's anchor among
+        # them), so a profile is pruned once per search, not once per round that meets it
         record = run_profile_search(replace(config, output=str(out / f"round-{number}")),
-                                    replace(options, start=start, rounds=1, storage=storage))
+                                    replace(options, start=start, rounds=1, storage=storage, known_rows=tuple(known)))
+        known += [row for row in record["rescored"] if "val_ppl" in row]
         chosen = record["rescored"][0]
         converged = same_ratios(record["layer_ratios"], record["anchor"])
         rounds.append({"round": number, "anchor": record["anchor"], "anchor_name": record["start"]["name"],
