@@ -172,6 +172,7 @@ def test_target_at_or_below_current_sparsity_is_refused(saved_model_dir, text_fi
     ({"recovery": "lora", "lora_target_modules": ""}, "lora_target_modules is empty"),
     ({"recovery": "finetune"}, "unknown recovery"),
     ({"sparsity": "2:4"}, "iterative schedule needs a fractional sparsity"),
+    ({"schedule": "oneshot", "project_to_target": True}, "project_to_target measures an iterative trial"),
 ])
 def test_bad_trial_settings(changes, fragment, tmp_path):
     values = dict(schedule="iterative", recovery="masked")

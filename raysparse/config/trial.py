@@ -234,6 +234,9 @@ class TrialConfig:
         self.pattern  # noqa: B018 - parsing validates
         if self.magnitude_scope == "global" and self.pattern.is_nm:
             raise ConfigError("magnitude_scope 'global' cannot make N:M patterns: use 'layer'")
+        if self.project_to_target and self.schedule != "iterative":
+            raise ConfigError("project_to_target measures an iterative trial's way to its target: use --schedule "
+                              "iterative, or drop it (a one-shot trial is at its target after its only step)")
         if self.eval_stride is not None and self.eval_seqlen is not None and self.eval_stride > self.eval_seqlen:
             raise ConfigError(
                 f"eval_stride {self.eval_stride} is larger than eval_seqlen {self.eval_seqlen}: "

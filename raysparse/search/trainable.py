@@ -87,9 +87,11 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str
     # report_test off: a search's trials never look at the test text; run_search evaluates the
     # configurations it chose on it once the search is over.
     sampled = space.sample_config(params)
-    # project: --rung-metric projected, whose value each report must carry (project_to_target).
+    # project: --rung-metric projected, whose value each report must carry (project_to_target;
+    # a one-shot trial's only report is at its target, where the projection is its own value).
     config = dataclasses.replace(sampled, output=str(output), resume=True, report_test=False,
-                                 project_to_target=project or sampled.project_to_target,
+                                 project_to_target=sampled.project_to_target
+                                 or (project and sampled.schedule == "iterative"),
                                  stats_cache=stats_cache, ray_train_storage=join(experiment, name, RAY_TRAIN_DIR))
     try:
         _run(config, output, join(experiment, name))
