@@ -148,7 +148,8 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
         build = next(r["searched"]["database_s"] for r in rows if r["model"] == name and r["method"] == method)
         # an anchored database is reloaded by naming its anchor (no re-choosing)
         reuse_start = record.get("anchor_file") or "uniform"
-        again = run_profile_search(config, dataclasses.replace(options, generations=1, rescore=0, start=reuse_start))
+        again = run_profile_search(config, dataclasses.replace(options, generations=1, rescore=0, rounds=1,
+                                                                    start=reuse_start))
         for r in rows:
             if r["model"] == name and r["method"] == method and r.get("database", "dense") == args.database:
                 r["database_reuse"] = {"build_s": build, "reload_s": again["database_s"],
