@@ -69,8 +69,9 @@ class SearchSettings:
                                       fix="it is the sparsity in percent at which ASHA first compares trials, e.g. 40")
     rung_metric: str = setting("val_ppl", "what ASHA and TPE compare at the sparsity milestones: val_ppl (the trial's "
                                "own validation ppl there) or projected (its model pruned one-shot to the target "
-                               "first, which ranks trials at low sparsity where their own ppl cannot; costs one "
-                               "prune and evaluation per iteration; --objective final_ppl)",
+                               "first; one prune and evaluation per iteration; --objective final_ppl; on the "
+                               "wide space it ranked worse than val_ppl: tests/benchmarks/rung_projection.py "
+                               "measures yours)",
                                choices=("val_ppl", "projected"))
     stopped_trials: str = setting("pruned", "what TPE learns from a trial ASHA stopped: pruned (Optuna's PRUNED, "
                                   "ranked below every finished trial) or ignore (told FAIL: only finished trials "
