@@ -109,9 +109,8 @@ class TrialConfig:
                                       within="(0, 1)", group=SCHEDULE,
                                       fix="it is the fraction of the remaining weights removed per iteration, e.g. 0.1")
     max_iterations: int = setting(100, "iterative: safety bound on the iterations", within=">= 1", group=SCHEDULE)
-    project_to_target: bool = setting(False, "iterative: after each iteration below the target, also measure the "
-                                      "validation perplexity of a copy pruned one-shot to the target (a search's "
-                                      "early-stopping signal, --rung-metric projected)", group=SCHEDULE)
+    project_to_target: bool = setting(False, "iterative: also measure the validation ppl of a copy pruned one-shot "
+                                      "to the target after each iteration (--rung-metric projected)", group=SCHEDULE)
     recovery: str = setting("none", "training after pruning: none, masked (masks kept) or lora", choices=RECOVERIES,
                             group=RECOVERY)
     epochs_per_iteration: int = setting(1, "training epochs after each pruning step", within=">= 1",
