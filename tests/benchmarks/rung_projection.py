@@ -22,12 +22,13 @@ import argparse
 import concurrent.futures as futures
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
 
-from scipy.stats import spearmanr
+from asha_replay import rung_correlation
+
+from raysparse.search.milestones import PROJECTED
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNGS = (20, 25, 30, 40, 50, 60, 70)
@@ -58,18 +59,6 @@ def rung_values(reports: list[dict], metric: str, rungs: tuple[int, ...]) -> dic
     for report in reports:
         for rung, value in crossed_rungs(report, metric, list(rungs)):
             out.setdefault(rung, value)
-    return out
-
-
-def correlations(trials: list[dict]) -> dict[str, dict[int, float | None]]:
-    out: dict[str, dict[int, float | None]] = {}
-    for metric in ("val_ppl", "val_ppl_projected"):
-        per_rung = {}
-        for rung in RUNGS:
-            pairs = [(t["rungs"][metric][rung], t["final"]) for t in trials if rung in t["rungs"][metric]]
-            rho = spearmanr(*zip(*pairs)).statistic if len(pairs) >= 5 else None
-            per_rung[rung] = None if rho is None or math.isnan(rho) else round(float(rho), 3)
-        out[metric] = per_rung
     return out
 
 
@@ -104,11 +93,16 @@ def main() -> None:
             rerun_final = result["reports"][-1]["val_ppl"]
             trials.append({"search": name, "index": index, "params": params, "final": final, "rerun_final": rerun_final,
                            "wall_s": result["wall_s"], "projection_s": result["projection_s"],
-                           "rungs": {m: rung_values(result["reports"], m, RUNGS) for m in ("val_ppl", "val_ppl_projected")},
+                           "rungs": {m: rung_values(result["reports"], m, RUNGS) for m in ("val_ppl", PROJECTED)},
                            "reports": result["reports"]})
             print(f"{name} #{index}: final {final:.2f} (rerun {rerun_final:.2f}), {result['wall_s']:.0f} s", flush=True)
     trials.sort(key=lambda t: (names.index(t["search"]), t["index"]))
-    rho = correlations(trials)
+    # the reports by search, as asha_replay reads them: one correlation for both tools
+    by_search: dict[str, dict[int, list[dict]]] = {}
+    for t in trials:
+        by_search.setdefault(t["search"], {})[t["index"]] = t["reports"]
+    rho = {metric: rung_correlation(list(by_search.values()), list(RUNGS), metric)
+           for metric in ("val_ppl", PROJECTED)}
     wall, projection = sum(t["wall_s"] for t in trials), sum(t["projection_s"] or 0 for t in trials)
     reproduced = sum(abs(t["rerun_final"] - t["final"]) <= 1e-3 * t["final"] for t in trials)
     out = {"source": str(args.source), "searches": names, "trials": trials, "spearman": rho,
@@ -124,7 +118,7 @@ def main() -> None:
              "| rung % | own val ppl | projected to the target | trials |", "|---|---|---|---|"]
     for rung in RUNGS:
         count = sum(rung in t["rungs"]["val_ppl"] for t in trials)
-        lines.append(f"| {rung} | {rho['val_ppl'][rung]} | {rho['val_ppl_projected'][rung]} | {count} |")
+        lines.append(f"| {rung} | {rho['val_ppl'].get(rung)} | {rho[PROJECTED].get(rung)} | {count} |")
     lines += ["", f"Projections took {100 * (out['projection_share_of_trial_wall'] or 0):.1f}% of the trials' wall time."]
     (RESULTS / f"{args.label}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
