@@ -31,7 +31,7 @@ from raysparse.recover.distributed.ray_env import joinable_cluster_address
 from raysparse.search.console import legacy_table, stop_gracefully_on_ctrl_c, trial_table, tune_statuses
 from raysparse.search.final_eval import evaluate_chosen
 from raysparse.search.results import _live_study, summarise_results
-from raysparse.search.searcher import _make_scheduler, _make_searcher
+from raysparse.search.searcher import _make_scheduler, _make_searcher, max_recovery_epochs
 from raysparse.search.settings import (
     ASHA_STATE_FILE,
     CACHE_STATS_FILE,
@@ -171,6 +171,7 @@ def run_search(settings: SearchSettings, resume: str | None = None) -> dict[str,
         if not settings.address:  # a cluster's nodes may see other files than this driver
             check_space_inputs(space)
         check_objective_inputs(settings, space)
+        check_fidelity(settings, space)
         name = settings.name or time.strftime("search-%Y-%m-%dT%H-%M-%S")
         root = _storage_root(settings)
         if is_uri(root):
@@ -205,7 +206,8 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
 
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, space=space, experiment=remote or str(experiment),
-                             stats_cache=stats_dir, project=settings.rung_metric == "projected"),
+                             stats_cache=stats_dir, project=settings.rung_metric == "projected",
+                             epoch_reports=settings.fidelity == "epochs"),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial,
          **({settings.driver_resource: 1} if settings.driver_resource else {})},
     )
@@ -223,7 +225,7 @@ def _run_tuner(settings: SearchSettings, space: SearchSpace, experiment: Path, r
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher,
-                                        scheduler=_make_scheduler(settings, str(experiment / ASHA_STATE_FILE)),
+                                        scheduler=_make_scheduler(settings, str(experiment / ASHA_STATE_FILE), space),
                                         num_samples=settings.num_samples),
             run_config=tune.RunConfig(
                 name=experiment.name, storage_path=remote.rsplit("/", 1)[0] if remote else str(experiment.parent),
@@ -259,6 +261,32 @@ def check_objective_inputs(settings: SearchSettings, space: SearchSpace) -> None
     if "eval_tasks" in space.params or not space.fixed.get("eval_tasks"):
         raise ConfigError(f"--objective {settings.objective} ranks trials by lm-eval accuracy: set eval_tasks "
                           f"(e.g. raysparse_lastword_pydoc) under fixed: in {space.source}")
+
+
+def check_fidelity(settings: SearchSettings, space: SearchSpace) -> None:
+    """--fidelity epochs compares trials after equal recovery epochs: only one-shot trials with
+    in-process recovery (an iterative trial's epochs come at several sparsity levels, and
+    distributed recovery's epochs run on Train workers that report once per iteration)."""
+    if settings.fidelity != "epochs":
+        return
+    fixed = space.fixed
+
+    def where(key: str) -> str:
+        return f"{key} is searched" if key in space.params else f"{key}: {fixed.get(key)}"
+
+    if "schedule" in space.params or fixed.get("schedule", "oneshot") != "oneshot":
+        raise ConfigError(f"--fidelity epochs ranks one-shot trials by recovery epochs, but {space.source} has "
+                          f"{where('schedule')}: fix schedule: oneshot, or use --fidelity sparsity")
+    if fixed.get("recovery", "none") == "none" and "recovery" not in space.params:
+        raise ConfigError(f"--fidelity epochs needs recovery epochs: {space.source} fixes recovery: none "
+                          "(set recovery: masked or lora, or use --no-early-stopping)")
+    if "workers" in space.params or int(fixed.get("workers", 1)) > 1:
+        raise ConfigError(f"--fidelity epochs: {space.source} has {where('workers')}; distributed recovery "
+                          "reports once per iteration, not per epoch (use workers: 1, or --fidelity sparsity)")
+    epochs = max_recovery_epochs(space)
+    if settings.early_stopping and settings.grace_epochs >= epochs:
+        raise ConfigError(f"--grace-epochs {settings.grace_epochs} must be below the {epochs} recovery epoch(s) "
+                          f"the trials of {space.source} train (epochs_per_iteration), e.g. --grace-epochs 1")
 
 
 def check_validation_source(space: SearchSpace) -> None:

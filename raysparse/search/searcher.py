@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from raysparse.paths import write_json_atomic
-from raysparse.search.milestones import MILESTONE, PROJECTED, asha_rungs, crossed_rungs
+from raysparse.search.milestones import FIDELITY_KEYS, PROJECTED, asha_rungs, crossed_rungs
 from raysparse.search.settings import OBJECTIVES, SearchSettings
 from raysparse.search.space import SearchSpace
 
@@ -36,9 +36,10 @@ def milestone_optuna_search_class():
 
     class MilestoneOptunaSearch(OptunaSearch):
         def __init__(self, *args: Any, rungs: list[int] | None = None, stopped: str = "pruned",
-                     **kwargs: Any) -> None:
+                     fidelity: str = "sparsity", **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._rungs = rungs
+            self._fidelity = fidelity
             self._stopped_state = TrialState.FAIL if stopped == "ignore" else TrialState.PRUNED
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -46,8 +47,9 @@ def milestone_optuna_search_class():
                 return  # Optuna keeps no intermediate values for several objectives
             trial = self._ot_trials[trial_id]
             known = trial.storage.get_trial(trial._trial_id).intermediate_values
-            points = (crossed_rungs(result, self.metric, self._rungs) if self._rungs
-                      else [(int(result[MILESTONE]), result[self.metric])])
+            time_attr = FIDELITY_KEYS[self._fidelity][0]
+            points = (crossed_rungs(result, self.metric, self._rungs, self._fidelity) if self._rungs
+                      else [(int(result[time_attr]), result[self.metric])])
             for step, value in points:
                 if step not in known:
                     trial.report(value, step)
@@ -98,6 +100,27 @@ def decision_metric(settings: SearchSettings) -> str | list[str]:
     return metrics if len(metrics) > 1 else metrics[0]
 
 
+def max_recovery_epochs(space: SearchSpace) -> int:
+    """The most recovery epochs a trial of this space trains (per iteration)."""
+    spec = space.params.get("epochs_per_iteration")
+    if spec is None:
+        return int(space.fixed.get("epochs_per_iteration", 1))
+    return int(max(spec.choices) if spec.kind == "choice" else spec.high)
+
+
+def asha_bounds(settings: SearchSettings, space: SearchSpace | None) -> tuple[int, int]:
+    """(first rung, max_t) of ASHA for the search's fidelity.
+
+    Epochs: max_t is one below the most epochs a trial trains, so no rung sits on a trial's
+    last epoch, where a stop would cut it before its final report (and its summary).
+    """
+    if settings.fidelity == "epochs":
+        if space is None:
+            raise ValueError("ASHA on recovery epochs needs the search space (its epochs per iteration)")
+        return settings.grace_epochs, max_recovery_epochs(space) - 1
+    return settings.grace_sparsity_pct, MAX_PCT
+
+
 def _make_searcher(space: SearchSpace, settings: SearchSettings):
     from ray.tune.search import ConcurrencyLimiter
 
@@ -106,11 +129,12 @@ def _make_searcher(space: SearchSpace, settings: SearchSettings):
     metrics, modes = OBJECTIVES[settings.objective]
     sampler = make_sampler(space, settings)
     asha = settings.early_stopping and len(metrics) == 1
+    grace, max_t = asha_bounds(settings, space)
     searcher = OptunaSearch(
         space=space.optuna_define_by_run(), metric=decision_metric(settings),
         mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
-        rungs=asha_rungs(settings.grace_sparsity_pct, REDUCTION_FACTOR, MAX_PCT) if asha else None,
-        stopped=settings.stopped_trials,
+        rungs=asha_rungs(grace, REDUCTION_FACTOR, max_t) if asha else None,
+        stopped=settings.stopped_trials, fidelity=settings.fidelity,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
 
@@ -133,9 +157,10 @@ def persistent_asha_class():
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class PersistentASHA(ASHAScheduler):
-        def __init__(self, state_file: str | None = None, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
+        def __init__(self, state_file: str | None = None, fidelity: str = "sparsity", **kwargs: Any) -> None:
+            super().__init__(time_attr=FIDELITY_KEYS[fidelity][0], **kwargs)
             self._state_file = state_file
+            self._fidelity = fidelity
             self._loaded = False
 
         def _load(self) -> None:
@@ -168,7 +193,7 @@ def persistent_asha_class():
             bracket = self._trial_info[trial.trial_id]
             rungs = {milestone: recorded for milestone, recorded in bracket._rungs}
             action = TrialScheduler.CONTINUE
-            for milestone, value in crossed_rungs(result, self._metric, sorted(rungs)):
+            for milestone, value in crossed_rungs(result, self._metric, sorted(rungs), self._fidelity):
                 recorded = rungs[milestone]
                 if trial.trial_id in recorded:
                     continue  # a resumed trial's replayed report
@@ -189,12 +214,13 @@ def persistent_asha_class():
     return PersistentASHA
 
 
-def _make_scheduler(settings: SearchSettings, state_file: str | None = None):
+def _make_scheduler(settings: SearchSettings, state_file: str | None = None, space: SearchSpace | None = None):
     from ray.tune.schedulers import FIFOScheduler
 
     metrics, modes = OBJECTIVES[settings.objective]
     if not settings.early_stopping or len(metrics) > 1:
         return FIFOScheduler()
-    return persistent_asha_class()(state_file=state_file, time_attr=MILESTONE, metric=decision_metric(settings),
-                                   mode=modes[0], max_t=MAX_PCT, grace_period=settings.grace_sparsity_pct,
-                                   reduction_factor=REDUCTION_FACTOR)
+    grace, max_t = asha_bounds(settings, space)
+    return persistent_asha_class()(state_file=state_file, fidelity=settings.fidelity,
+                                   metric=decision_metric(settings), mode=modes[0], max_t=max_t,
+                                   grace_period=grace, reduction_factor=REDUCTION_FACTOR)

@@ -67,6 +67,13 @@ class SearchSettings:
     grace_sparsity_pct: int = setting(40, "first ASHA milestone, in percent sparsity (rungs double: 40, 80)",
                                       within="[1, 100)",
                                       fix="it is the sparsity in percent at which ASHA first compares trials, e.g. 40")
+    # One-shot trials have a single sparsity milestone, the target: ASHA could never stop one
+    # early. Their recovery epochs are the resource there, as in Hyperband's own use of ASHA.
+    fidelity: str = setting("sparsity", "what ASHA's rungs count: sparsity (milestones of iterative trials) or "
+                            "epochs (recovery epochs of one-shot trials, which report after every epoch)",
+                            choices=("sparsity", "epochs"))
+    grace_epochs: int = setting(1, "first ASHA rung with --fidelity epochs, in recovery epochs (rungs double: 1, "
+                                "2, 4, ... below the trials' epochs)", within=">= 1")
     rung_metric: str = setting("val_ppl", "what ASHA and TPE compare at the sparsity milestones: val_ppl (the trial's "
                                "own validation ppl there) or projected (its model pruned one-shot to the target "
                                "first; one prune and evaluation per iteration; --objective final_ppl; on the "
@@ -109,6 +116,9 @@ class SearchSettings:
         if self.rung_metric == "projected" and self.objective != "final_ppl":
             raise ConfigError(f"--rung-metric projected ranks trials by validation perplexity at the target: it "
                               f"goes with --objective final_ppl, not {self.objective} (drop --rung-metric)")
+        if self.rung_metric == "projected" and self.fidelity == "epochs":
+            raise ConfigError("--rung-metric projected projects iterative trials to their target at sparsity "
+                              "milestones; --fidelity epochs ranks one-shot trials by recovery epochs: use one")
         if self.name is not None:
             check_experiment_name(self.name)
         return self

@@ -11,7 +11,14 @@ from typing import Any
 
 from raysparse.cluster.storage import delete_dir, join
 from raysparse.config import TrialConfig
-from raysparse.search.milestones import BEFORE_PCT, BEFORE_VALUE, PROJECTED, before_key
+from raysparse.search.milestones import (
+    BEFORE_PCT,
+    BEFORE_VALUE,
+    PROJECTED,
+    RECOVERY_EPOCH,
+    RECOVERY_EPOCH_BEFORE,
+    before_key,
+)
 from raysparse.search.resume import finished_in, finished_on_storage, last_attempt, restore_into
 from raysparse.search.space import SearchSpace
 from raysparse.trial.checkpoint import checkpoint_of
@@ -41,6 +48,9 @@ def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
         BEFORE_PCT: int(math.floor(100 * float(record.get("sparsity_before") or 0.0) + 1e-6)),
         BEFORE_VALUE: None if record.get("ppl_before") is None else float(record["ppl_before"]),
         "iteration": int(record["iteration"]),
+        # Recovery epochs trained so far (--fidelity epochs: ASHA's rungs), and before this report.
+        RECOVERY_EPOCH: int(record.get("recovery_epochs_total") or 0),
+        RECOVERY_EPOCH_BEFORE: int(record.get("recovery_epochs_before") or 0),
         # Summed over every start of the trial: a retried trial costs what it cost in all.
         "train_steps_total": int(record.get("train_steps_total") or 0),
         "wall_s_total": record.get("wall_s_total"),
@@ -48,7 +58,8 @@ def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
         "params_remaining": record.get("params_remaining"),
         # The last schedule step finished the trial's work: if the scheduler stops it at this
         # report (a one-shot trial at its only milestone), it still counts as completed.
-        "completed": record.get("iterations_planned") is not None
+        # An epoch report (partial) never does: the trial's summary is still to come.
+        "completed": not record.get("partial") and record.get("iterations_planned") is not None
         and int(record["iteration"]) >= int(record["iterations_planned"]),
     }
 
@@ -65,7 +76,7 @@ def _final_metrics(summary: dict[str, Any], placement: dict[str, Any]) -> dict[s
 
 
 def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str,
-                     stats_cache: str | None = None, project: bool = False) -> None:
+                     stats_cache: str | None = None, project: bool = False, epoch_reports: bool = False) -> None:
     """Tune function trainable: one raysparse trial, resumable through Tune's checkpoints.
 
     The trial works in a node-local scratch folder; after every finished iteration it
@@ -76,6 +87,9 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str
     (summary.json, and model/ with `save`) as its checkpoint; a trial that had already
     finished is replayed from that summary instead of run again. Distributed recovery keeps
     its epoch checkpoints in `<trial folder>/ray_train` on storage, where a retry finds them.
+    With `epoch_reports` (--fidelity epochs) it also reports after every recovery epoch,
+    without a checkpoint: a retried one-shot trial starts over, and ASHA ignores the rungs
+    it repeats.
     """
     from ray import tune
 
@@ -94,12 +108,12 @@ def search_trainable(params: dict[str, Any], space: SearchSpace, experiment: str
                                  or (project and sampled.schedule == "iterative"),
                                  stats_cache=stats_cache, ray_train_storage=join(experiment, name, RAY_TRAIN_DIR))
     try:
-        _run(config, output, join(experiment, name))
+        _run(config, output, join(experiment, name), epoch_reports)
     finally:
         shutil.rmtree(output, ignore_errors=True)  # what is worth keeping went to storage with a report
 
 
-def _run(config: TrialConfig, output: Path, trial_uri: str) -> None:
+def _run(config: TrialConfig, output: Path, trial_uri: str, epoch_reports: bool = False) -> None:
     import ray
     from ray import tune
 
@@ -132,6 +146,10 @@ def _run(config: TrialConfig, output: Path, trial_uri: str) -> None:
         tune.report({**_trial_metrics(record), **placement},
                     checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
 
-    summary = run_trial(config, reporter=report, node_id=node_id).summary
+    def report_epoch(record: dict[str, Any]) -> None:
+        tune.report({**_trial_metrics(record), **placement})
+
+    summary = run_trial(config, reporter=report, node_id=node_id,
+                        epoch_reporter=report_epoch if epoch_reports else None).summary
     tune.report(_final_metrics(summary, placement), checkpoint=tune.Checkpoint.from_directory(str(output)))
     delete_dir(config.ray_train_storage)  # the epoch checkpoints of a finished trial are not needed again

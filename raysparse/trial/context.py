@@ -44,6 +44,9 @@ class TrialContext:
     profile_ratios: list[float] | None = None  # --layer-ratios, checked against this model and the target
     tasks: TaskSpec | None = None  # lm-eval tasks (--eval-tasks)
     tasks_protocol: dict[str, Any] | None = None  # lm-eval's and the tasks' versions, the splits each role reads
+    # Called with a partial record after every recovery epoch (a search with --fidelity epochs
+    # reports it to ASHA); None: reports come once per iteration only.
+    on_epoch: Any = None
 
     def zeroshot(self, role: str = "validation", desc: str = "zero-shot") -> dict[str, Any] | None:
         """The lm-eval tasks on the model as it is now (None without --eval-tasks)."""

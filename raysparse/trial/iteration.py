@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,7 +19,7 @@ from raysparse.errors import RaysparseError
 from raysparse.metrics.resources import peak_memory_mb
 from raysparse.models.adapters import count_params
 from raysparse.paths import write_json_atomic
-from raysparse.recover.loop import TrainingDiverged
+from raysparse.recover.loop import EpochRecord, TrainingDiverged
 from raysparse.sparsity.masks import Masks, measure_sparsity, verify_masks
 from raysparse.trial.context import TrialContext
 from raysparse.trial.projection import projected_perplexity
@@ -63,10 +63,13 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
             record["sample_after_prune"] = sample_generation(ctx)
             if config.report_test and index + 1 == len(state.levels):  # the reported "pruned" number
                 record["test_ppl_after_prune"] = ctx.evaluate_test(desc="test perplexity after pruning")
+    epochs_before = sum(len(r.get("epochs") or ()) for r in state.history)
     if config.recovery != "none":
+        on_epoch = _epoch_reports(ctx, state, record, step.sparsity(ctx, outcome), ppl_after_prune, epochs_before) \
+            if ctx.on_epoch is not None else None
         try:
             with ctx.timer.phase("recover"):
-                recovered = _recover(ctx, masks, index + 1, ppl_after_prune)
+                recovered = _recover(ctx, masks, index + 1, ppl_after_prune, on_epoch)
         except TrainingDiverged as exc:
             _record_failure(ctx, state, index, str(exc))
             raise TrialFailed(f"trial failed at iteration {index + 1}: {exc}; "
@@ -79,6 +82,8 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
                       best_epoch=train.best_epoch, stopped_early=train.stopped_early)
     else:
         record["ppl_after_train"] = ppl_after_prune
+    record.update(recovery_epochs_total=epochs_before + len(record.get("epochs") or ()),
+                  recovery_epochs_before=epochs_before)
     verify_masks(ctx.loaded.model, masks)
     if config.project_to_target:
         if index + 1 < len(state.levels):
@@ -107,6 +112,31 @@ def run_iteration(ctx: TrialContext, state: TrialState, index: int,
                 index + 1, len(state.levels), sparsity,
                 "-" if ppl_after_prune is None else f"{ppl_after_prune:.4f}", record["ppl_after_train"])
     return record, masks
+
+
+def _epoch_reports(ctx: TrialContext, state: TrialState, record: dict[str, Any], sparsity: float,
+                   ppl_after_prune: float | None, epochs_before: int) -> Callable[[EpochRecord], None]:
+    """The recovery's per-epoch hook: a partial record for `ctx.on_epoch` after every epoch.
+
+    Its ppl is what the trial would end with if it stopped here: the best epoch so far (and
+    the pruned model, which keep-best can also return to), or the last epoch without keep-best.
+    """
+    config, best, steps = ctx.config, [ppl_after_prune], [0]
+
+    def report(epoch: EpochRecord) -> None:
+        steps[0] += epoch.steps
+        if epoch.ppl is None:
+            return  # no evaluation, nothing to compare
+        current = epoch.ppl
+        if config.keep_best:
+            best[0] = min(v for v in (best[0], epoch.ppl) if v is not None)
+            current = best[0]
+        ctx.on_epoch({**record, "partial": True, "epoch": epoch.epoch, "sparsity": sparsity,
+                      "ppl_after_prune": ppl_after_prune, "ppl_after_train": current,
+                      "iterations_planned": len(state.levels), "train_steps_total": state.train_steps_total + steps[0],
+                      "recovery_epochs_total": epochs_before + epoch.epoch,
+                      "recovery_epochs_before": epochs_before + epoch.epoch - 1})
+    return report
 
 
 def sample_generation(ctx: TrialContext, prompt_tokens: int = 16, new_tokens: int = 24) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -13,7 +13,7 @@ from raysparse.models.adapters import get_adapter
 from raysparse.models.loading import load_model
 from raysparse.recover.distill import DistillSettings, TeacherCost, TeacherOutputCache, distillation_loss
 from raysparse.recover.distributed.driver import EvalSpec, train_masked_distributed
-from raysparse.recover.loop import LossFn, TrainSettings, next_token_loss
+from raysparse.recover.loop import EpochRecord, LossFn, TrainSettings, next_token_loss
 from raysparse.recover.lora import LoraSettings, train_lora
 from raysparse.recover.masked import train_masked
 from raysparse.sparsity.masks import Masks
@@ -82,10 +82,15 @@ def _distill_record(ctx: TrialContext, cost: TeacherCost | None) -> dict[str, An
                         else "recomputed every step"}}
 
 
-def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: float) -> dict[str, Any]:
-    """Run the configured recovery; return what the iteration record needs."""
+def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: float,
+             on_epoch: Callable[[EpochRecord], None] | None = None) -> dict[str, Any]:
+    """Run the configured recovery; return what the iteration record needs.
+
+    `on_epoch` hears every epoch of in-process training (Ray Train workers report at the end).
+    """
     config = ctx.config
     settings = _train_settings(config, ctx.device)
+    hooks = {"on_epoch_end": on_epoch} if on_epoch is not None else {}
     if config.recovery == "lora":
         loss_fn, teacher_cost = _loss(ctx)
 
@@ -94,7 +99,7 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
             ctx.loaded.model, masks, ctx.train_windows, settings,
             LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets),
             lambda model: ctx.evaluate(model, "perplexity (LoRA)"), adapter_dir=adapter_dir,
-            device=ctx.device, baseline_ppl=ppl_after_prune, loss_fn=loss_fn,
+            device=ctx.device, baseline_ppl=ppl_after_prune, loss_fn=loss_fn, **hooks,
         )
         ctx.loaded.model = outcome.model
         ctx.loaded.adapter = get_adapter(outcome.model)
@@ -125,7 +130,7 @@ def _recover(ctx: TrialContext, masks: Masks, iteration: int, ppl_after_prune: f
     loss_fn, teacher_cost = _loss(ctx)
     result = train_masked(ctx.loaded.model, masks, ctx.train_windows, settings,
                           lambda: ctx.evaluate(desc="perplexity (epoch)"), device=ctx.device,
-                          baseline_ppl=ppl_after_prune, loss_fn=loss_fn)
+                          baseline_ppl=ppl_after_prune, loss_fn=loss_fn, **hooks)
     return {"train": result, "ppl_after_train": result.final_ppl, **_distill_record(ctx, teacher_cost)}
 
 

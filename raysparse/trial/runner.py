@@ -50,7 +50,7 @@ PruneResult = TrialResult
 
 
 def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None = None, *,
-              node_id: str | None = None) -> TrialResult:
+              node_id: str | None = None, epoch_reporter: Reporter | None = None) -> TrialResult:
     """Run one trial (one-shot or iterative, with or without recovery) and return its summary.
 
     With an output folder, every finished iteration but the last is checkpointed there
@@ -58,11 +58,14 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter | None
     (`checkpoint_of(output, record["iteration"])`; a search gives it to Ray Tune). Each start
     appends to the attempt log in the checkpointed state (`node_id` says where it ran), and
     each record carries the training steps and wall time summed over every start.
+    `epoch_reporter` hears a partial record (`partial: True`, the best validation ppl so far)
+    after every recovery epoch of in-process recovery; nothing is checkpointed for it.
     """
     started = time.perf_counter()
     if not isinstance(config, TrialConfig):
         config = TrialConfig.from_dict(config)
     ctx = _prepare(config)
+    ctx.on_epoch = epoch_reporter
     output = Path(config.output) if config.output else None
     # A caller that puts distributed recovery's epoch checkpoints elsewhere (a search: on its
     # storage, for a retry on another node) owns them; otherwise they live in the output.

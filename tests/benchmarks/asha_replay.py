@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from bench_search import OUT, trial_index
 from scipy.stats import spearmanr
 
-from raysparse.search.milestones import MILESTONE, PROJECTED, asha_rungs, crossed_rungs
+from raysparse.search.milestones import PROJECTED, asha_rungs, crossed_rungs
 from raysparse.search.searcher import MAX_PCT, REDUCTION_FACTOR, persistent_asha_class
 
 METRIC = "val_ppl"
@@ -48,9 +48,10 @@ def histories(experiment: Path) -> dict[int, list[dict]]:
     return dict(sorted(out.items()))
 
 
-def replay(hist: dict[int, list[dict]], grace: int, reduction: float, slots: int = 2, metric: str = METRIC) -> dict:
+def replay(hist: dict[int, list[dict]], grace: int, reduction: float, slots: int = 2, metric: str = METRIC,
+           fidelity: str = "sparsity", max_t: int = MAX_PCT) -> dict:
     """Event-driven replay: trials start in counter order when a slot frees; ASHA sees each report."""
-    asha = persistent_asha_class()(state_file=None, time_attr=MILESTONE, metric=metric, mode="min", max_t=MAX_PCT,
+    asha = persistent_asha_class()(state_file=None, fidelity=fidelity, metric=metric, mode="min", max_t=max_t,
                                    grace_period=grace, reduction_factor=reduction)
     queue, events, last, done = list(hist), [], {}, set()
 
@@ -91,19 +92,21 @@ def projection_histories(path: Path) -> dict[str, dict[int, list[dict]]]:
     return {name: dict(sorted(hist.items())) for name, hist in out.items()}
 
 
-def rung_correlation(all_hist: list[dict[int, list[dict]]], rungs: list[int], metric: str = METRIC) -> dict[int, float]:
+def rung_correlation(all_hist: list[dict[int, list[dict]]], rungs: list[int], metric: str = METRIC,
+                     fidelity: str = "sparsity") -> dict[int, float]:
     """Spearman correlation, over every fully run trial, of the value at a rung and the final value."""
     at: dict[int, list[tuple[float, float]]] = {rung: [] for rung in rungs}
     for hist in all_hist:
         for reports in hist.values():
             final = reports[-1][metric]
             for report in reports:
-                for rung, value in crossed_rungs(report, metric, rungs):
+                for rung, value in crossed_rungs(report, metric, rungs, fidelity):
                     at[rung].append((value, final))
     return {rung: round(float(spearmanr(*zip(*pairs)).statistic), 3) for rung, pairs in at.items() if len(pairs) > 2}
 
 
-def pooled_replays(all_hist: list[dict[int, list[dict]]], metric: str = METRIC) -> list[dict]:
+def pooled_replays(all_hist: list[dict[int, list[dict]]], metric: str = METRIC, fidelity: str = "sparsity",
+                   max_t: int = MAX_PCT) -> list[dict]:
     """The full searches concatenated, in each rotation of their order: larger random searches."""
     rows = []
     searches = [list(h.values()) for h in all_hist]
@@ -112,8 +115,8 @@ def pooled_replays(all_hist: list[dict[int, list[dict]]], metric: str = METRIC) 
         hist = {i + 1: reports for i, reports in enumerate(pooled)}
         steps = sum(h[-1]["train_steps_total"] for h in pooled)
         best = min(h[-1][metric] for h in pooled)
-        for grace in (20, 30):
-            r = replay(hist, grace, REDUCTION_FACTOR, metric=metric)
+        for grace in ((1, 2) if fidelity == "epochs" else (20, 30)):
+            r = replay(hist, grace, REDUCTION_FACTOR, metric=metric, fidelity=fidelity, max_t=max_t)
             rows.append({"trials": len(hist), "first": start, "grace": grace, "steps_ratio": round(r["steps"] / steps, 3),
                          "best_gap_pct": None if r["best_val"] is None else round(100 * (r["best_val"] / best - 1), 2)})
     return rows
@@ -122,7 +125,13 @@ def pooled_replays(all_hist: list[dict[int, list[dict]]], metric: str = METRIC) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", type=Path, default=None)
-    parser.add_argument("--grace", default="20,25,30,40", help="first rungs to try, in percent sparsity")
+    parser.add_argument("--grace", default=None,
+                        help="first rungs to try, in percent sparsity (20,25,30,40) or epochs (1,2,3)")
+    parser.add_argument("--fidelity", choices=("sparsity", "epochs"), default="sparsity",
+                        help="what the rungs count: the searches must have run with this --fidelity (epochs: "
+                             "one report per recovery epoch)")
+    parser.add_argument("--max-epochs", type=int, default=8,
+                        help="with --fidelity epochs: the recovery epochs of the space's trials")
     parser.add_argument("--reduction", default="2,3,4", help="ASHA reduction factors to try")
     parser.add_argument("--ran-grace", type=int, default=20,
                         help="the first rung the storage's ASHA searches ran with (the recorded runs: 20)")
@@ -138,7 +147,9 @@ def main() -> None:
     if args.metric == PROJECTED and args.histories_from is None:
         raise SystemExit("--metric val_ppl_projected needs --histories-from results/rung_projection*.json "
                          "(the recorded searches did not measure projections)")
-    metric = args.metric
+    metric, fidelity = args.metric, args.fidelity
+    max_t = args.max_epochs - 1 if fidelity == "epochs" else MAX_PCT  # as searcher.asha_bounds
+    graces = args.grace or ("1,2,3" if fidelity == "epochs" else "20,25,30,40")
     if args.histories_from is not None:
         result: dict = {"histories_from": str(args.histories_from), "metric": metric, "checks": [], "sweep": []}
         full = projection_histories(args.histories_from)
@@ -148,37 +159,39 @@ def main() -> None:
         default = (args.ran_grace, REDUCTION_FACTOR)
         for experiment in sorted(storage.glob("*-asha")):  # the replay must reproduce what ASHA did
             hist = histories(experiment)
-            same = replay(hist, *default)
+            same = replay(hist, *default, fidelity=fidelity, max_t=max_t)
             real = {i: ("completed" if h[-1].get("completed") else "stopped") for i, h in hist.items()}
             result["checks"].append({"search": experiment.name, "trials": len(hist), "agree": sum(
                 same["trials"][i]["status"] == real[i] for i in hist)})
         full = {e.name: histories(e) for e in sorted(storage.glob("*-full"))}
-    for grace in (int(g) for g in args.grace.split(",")):
+    for grace in (int(g) for g in graces.split(",")):
         for reduction in (float(r) for r in args.reduction.split(",")):
             per_search = []
             for name, hist in full.items():
                 steps = sum(h[-1]["train_steps_total"] for h in hist.values())
                 best = min(h[-1][metric] for h in hist.values())
                 wall = sum(h[-1].get("wall_s_total") or 0.0 for h in hist.values())
-                r = replay(hist, grace, reduction, metric=metric)
+                r = replay(hist, grace, reduction, metric=metric, fidelity=fidelity, max_t=max_t)
                 per_search.append({"search": name, "steps_ratio": round(r["steps"] / steps, 3),
                                    "wall_ratio": round(r["wall_s"] / wall, 3) if wall else None,
                                    "best_gap_pct": None if r["best_val"] is None
                                    else round(100 * (r["best_val"] / best - 1), 2), "completed": r["completed"]})
             gaps = [p["best_gap_pct"] for p in per_search if p["best_gap_pct"] is not None]
-            result["sweep"].append({"grace": grace, "reduction": reduction, "rungs": asha_rungs(grace, reduction, MAX_PCT),
+            result["sweep"].append({"grace": grace, "reduction": reduction, "rungs": asha_rungs(grace, reduction, max_t),
                                     "median_steps_ratio": statistics.median(p["steps_ratio"] for p in per_search),
                                     "median_wall_ratio": statistics.median(p["wall_ratio"] or 0 for p in per_search),
                                     "median_best_gap_pct": statistics.median(gaps) if gaps else None,
                                     "worst_best_gap_pct": max(gaps) if gaps else None, "per_search": per_search})
-    result["pooled"] = pooled_replays(list(full.values()), metric)
-    result["rung_vs_final_spearman"] = rung_correlation(list(full.values()), [20, 25, 30, 40, 50, 60, 70], metric)
+    result["fidelity"] = fidelity
+    result["pooled"] = pooled_replays(list(full.values()), metric, fidelity, max_t)
+    rungs = list(range(1, args.max_epochs)) if fidelity == "epochs" else [20, 25, 30, 40, 50, 60, 70]
+    result["rung_vs_final_spearman"] = rung_correlation(list(full.values()), rungs, metric, fidelity)
     (OUT / f"{args.label}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Replays of {len(full)} searches run without early stopping ({', '.join(full)}), two slots, rungs "
              f"compared on {metric}; steps ratio = training steps with ASHA / without; wall ratio = the trials' wall "
              "time with ASHA / without (projections included where measured); gap = best completed validation ppl "
              "vs the no-early-stopping best (target: ratio <= 0.5 at gap <= 2%).", "",
-             "| grace % | reduction | rungs | steps ratio (median) | wall ratio (median) | best gap % (median) | "
+             f"| grace ({fidelity}) | reduction | rungs | steps ratio (median) | wall ratio (median) | best gap % (median) | "
              "worst gap % | per search (ratio, gap %, completed) |", "|---|---|---|---|---|---|---|---|"]
     for s in result["sweep"]:
         detail = "; ".join(f"{p['steps_ratio']}, {p['best_gap_pct']}, {p['completed']}" for p in s["per_search"])
@@ -188,8 +201,9 @@ def main() -> None:
               f"{result['pooled'][0]['trials'] if result['pooled'] else 0} trials, each rotation), steps ratio / gap %: "
               + "; ".join(f"grace {p['grace']}, from search {p['first']}: {p['steps_ratio']} / {p['best_gap_pct']}"
                           for p in result["pooled"])]
-    lines += ["", f"Rank correlation (Spearman) of a trial's {metric} at a sparsity rung with its final validation "
-              "ppl: " + ", ".join(f"{rung}%: {rho}" for rung, rho in result["rung_vs_final_spearman"].items())]
+    unit = " epochs" if fidelity == "epochs" else "%"
+    lines += ["", f"Rank correlation (Spearman) of a trial's {metric} at a {fidelity} rung with its final validation "
+              "ppl: " + ", ".join(f"{rung}{unit}: {rho}" for rung, rho in result["rung_vs_final_spearman"].items())]
     if result["checks"]:
         lines += ["", f"Replay check (ASHA searches replayed with grace {args.ran_grace}, reduction 2; trials whose real "
                   "status it reproduces): " + ", ".join(f"{c['search']} {c['agree']}/{c['trials']}"

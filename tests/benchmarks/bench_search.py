@@ -93,7 +93,8 @@ def one_search(args, storage: Path, searcher: str, seed: int, mode: str) -> dict
     name, asha = f"{searcher}-seed{seed}-{mode}", mode != "full"
     settings = SearchSettings(searcher=searcher, seed=seed, num_samples=args.num_samples,
                               max_concurrent=args.max_concurrent, early_stopping=asha, storage=str(storage), name=name,
-                              grace_sparsity_pct=args.grace_sparsity_pct,
+                              grace_sparsity_pct=args.grace_sparsity_pct, fidelity=args.fidelity,
+                              grace_epochs=args.grace_epochs,
                               stopped_trials="ignore" if mode == "ignore" else "pruned", space=str(args.space))
     report = run_search(settings)
     rows = sorted(report["rows"], key=trial_index)
@@ -248,11 +249,18 @@ def fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def asha_start(settings: dict) -> str:
+    """Where ASHA's first rung was, in the run's fidelity."""
+    if settings.get("fidelity") == "epochs":
+        return f"{settings['grace_epochs']} recovery epoch(s)"
+    return f"{settings.get('grace_sparsity_pct', 20)}% sparsity"
+
+
 def to_markdown(result: dict, plot_name: str = "bench_search_curves.png") -> str:
     """The table and the targets, in the style of the other benchmark results."""
     s, agg, t = result["settings"], result["summary"]["groups"], result["summary"]["targets"]
     lines = [f"{s['num_samples']} trials per search, search seeds {s['seeds']}, max_concurrent "
-             f"{s['max_concurrent']}, ASHA from {s.get('grace_sparsity_pct', 20)}% sparsity, {result['meta']['machine']}, {result['meta']['date']}; total wall "
+             f"{s['max_concurrent']}, ASHA from {asha_start(s)}, {result['meta']['machine']}, {result['meta']['date']}; total wall "
              f"{result['wall_s'] / 60:.1f} min. val = validation ppl (what decides), test = the chosen "
              f"configuration's test ppl (never used to choose). Space: {s.get('space_file', 'search_spaces/default.yaml')}. "
              f"Plot: {plot_name}", "",
@@ -303,6 +311,10 @@ def main() -> None:
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--grace-sparsity-pct", type=int, default=SearchSettings.grace_sparsity_pct,
                         help="ASHA's first rung (asha_replay.py shows what each rung can tell on this space)")
+    parser.add_argument("--fidelity", choices=("sparsity", "epochs"), default="sparsity",
+                        help="what ASHA's rungs count (epochs: one-shot spaces, e.g. search_spaces/oneshot_recovery.yaml)")
+    parser.add_argument("--grace-epochs", type=int, default=SearchSettings.grace_epochs,
+                        help="ASHA's first rung with --fidelity epochs")
     parser.add_argument("--hand", choices=("full", "quick", "skip"), default="full",
                         help="hand recipes: full (p=0.1, 16 iterations x 3 epochs), quick (smoke runs) or skip")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -353,6 +365,7 @@ def main() -> None:
 
     result = {
         "settings": {"num_samples": args.num_samples, "grace_sparsity_pct": args.grace_sparsity_pct,
+                     "fidelity": args.fidelity, "grace_epochs": args.grace_epochs,
                      "seeds": sorted({s["seed"] for s in searches}), "max_concurrent": args.max_concurrent, "hand": args.hand, "space": space.to_dict(),
                      "space_file": str(args.space),
                      "hand_recipes": {k: {**HAND_BASE, **v} for k, v in HAND.items()}},
