@@ -407,3 +407,23 @@ def test_a_zeroshot_objective_needs_eval_tasks_in_the_space(tmp_path, capsys):
     one_line_error(search_main, ["--space", str(space), "--objective", "zeroshot_acc", "--storage", str(storage)],
                    capsys, "set eval_tasks")
     assert not storage.exists()
+
+
+ONESHOT_MASKED = "fixed:\n  model: tiny\n  method: magnitude\n  sparsity: 0.5\n  recovery: masked\n  epochs_per_iteration: 2\n" \
+    "params:\n  lr: {choice: [1.0e-4, 1.0e-3]}\n"
+
+
+@pytest.mark.parametrize("space_text, extra, fragment", [
+    (ONESHOT_MASKED.replace("sparsity: 0.5", "sparsity: 0.5\n  schedule: iterative"), [], "fix schedule: oneshot"),
+    (ONESHOT_MASKED.replace("recovery: masked", "recovery: none"), [], "needs recovery epochs"),
+    (ONESHOT_MASKED.replace("recovery: masked", "recovery: masked\n  workers: 2"), [], "use workers: 1"),
+    (ONESHOT_MASKED, ["--grace-epochs", "2"], "must be below the 2 recovery epoch(s)"),
+    (ONESHOT_MASKED, ["--rung-metric", "projected"], "use one"),
+])
+def test_epoch_fidelity_refuses_spaces_it_cannot_rank(space_text, extra, fragment, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text)
+    storage = tmp_path / "runs"
+    one_line_error(search_main, ["--space", str(space), "--fidelity", "epochs", "--storage", str(storage), *extra],
+                   capsys, fragment)
+    assert not storage.exists()

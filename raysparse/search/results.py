@@ -132,8 +132,9 @@ def pareto_front(rows: list[dict[str, Any]], metrics: list[str],
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'trial':<16} {'status':<10} {'val_ppl':>10} {'sparsity':>8}  params  "
-             "(validation perplexity, what the search decides on; stopped = cut early at a sparsity "
-             "milestone, its ppl is at that sparsity; interrupted = cut by Ctrl-C, --resume continues it)"]
+             "(validation perplexity, what the search decides on; stopped = cut early by ASHA at a rung (a "
+             "sparsity milestone, or a recovery epoch with --fidelity epochs), its ppl is from there; "
+             "interrupted = cut by Ctrl-C, --resume continues it)"]
     order = {"completed": 0, "stopped": 1, "interrupted": 2, "error": 3}  # a stopped trial's ppl is at a lower sparsity
     for row in sorted(report["rows"], key=lambda r: (order.get(r["status"], 4), r["val_ppl"] is None,
                                                      r["val_ppl"] or 0)):
