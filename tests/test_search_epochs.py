@@ -42,6 +42,8 @@ def test_epoch_rungs_stop_below_the_last_epoch_and_each_report_lands_on_its_own_
     # The iteration's report after its epochs crosses nothing new.
     assert crossed_rungs({**report, RECOVERY_EPOCH: 8, "recovery_epoch_before": 0}, "val_ppl", [1, 2, 4],
                          "epochs") == [(1, 50.0), (2, 50.0), (4, 50.0)]
+    (bracket,) = _make_scheduler(SearchSettings(fidelity="epochs", reduction_factor=3), space=space)._brackets
+    assert sorted(m for m, _ in bracket._rungs) == asha_rungs(1, 3, 7) == [1, 3]
     with pytest.raises(ValueError, match="needs the search space"):
         _make_scheduler(settings)
 

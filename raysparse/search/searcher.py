@@ -10,7 +10,7 @@ from raysparse.search.milestones import FIDELITY_KEYS, PROJECTED, asha_rungs, cr
 from raysparse.search.settings import OBJECTIVES, SearchSettings
 from raysparse.search.space import SearchSpace
 
-REDUCTION_FACTOR = 2
+REDUCTION_FACTOR = 2  # SearchSettings.reduction_factor's default (the recorded replays' setting)
 MAX_PCT = 101  # above any sparsity_pct: ASHA must never cut a trial for "running out of time"
 
 
@@ -133,7 +133,7 @@ def _make_searcher(space: SearchSpace, settings: SearchSettings):
     searcher = OptunaSearch(
         space=space.optuna_define_by_run(), metric=decision_metric(settings),
         mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
-        rungs=asha_rungs(grace, REDUCTION_FACTOR, max_t) if asha else None,
+        rungs=asha_rungs(grace, settings.reduction_factor, max_t) if asha else None,
         stopped=settings.stopped_trials, fidelity=settings.fidelity,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
@@ -223,4 +223,4 @@ def _make_scheduler(settings: SearchSettings, state_file: str | None = None, spa
     grace, max_t = asha_bounds(settings, space)
     return persistent_asha_class()(state_file=state_file, fidelity=settings.fidelity,
                                    metric=decision_metric(settings), mode=modes[0], max_t=max_t,
-                                   grace_period=grace, reduction_factor=REDUCTION_FACTOR)
+                                   grace_period=grace, reduction_factor=settings.reduction_factor)

@@ -74,6 +74,9 @@ class SearchSettings:
                             choices=("sparsity", "epochs"))
     grace_epochs: int = setting(1, "first ASHA rung with --fidelity epochs, in recovery epochs (rungs double: 1, "
                                 "2, 4, ... below the trials' epochs)", within=">= 1")
+    reduction_factor: int = setting(2, "ASHA keeps the best 1/N of the trials at each rung, and rungs are N times "
+                                    "apart (Ray's reduction_factor)", within=">= 2",
+                                    fix="ASHA's reduction factor is at least 2, e.g. --reduction-factor 3")
     rung_metric: str = setting("val_ppl", "what ASHA and TPE compare at the sparsity milestones: val_ppl (the trial's "
                                "own validation ppl there) or projected (its model pruned one-shot to the target "
                                "first; one prune and evaluation per iteration; --objective final_ppl; on the "

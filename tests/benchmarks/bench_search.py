@@ -94,7 +94,7 @@ def one_search(args, storage: Path, searcher: str, seed: int, mode: str) -> dict
     settings = SearchSettings(searcher=searcher, seed=seed, num_samples=args.num_samples,
                               max_concurrent=args.max_concurrent, early_stopping=asha, storage=str(storage), name=name,
                               grace_sparsity_pct=args.grace_sparsity_pct, fidelity=args.fidelity,
-                              grace_epochs=args.grace_epochs,
+                              grace_epochs=args.grace_epochs, reduction_factor=args.reduction_factor,
                               stopped_trials="ignore" if mode == "ignore" else "pruned", space=str(args.space))
     report = run_search(settings)
     rows = sorted(report["rows"], key=trial_index)
@@ -252,8 +252,10 @@ def fmt(value, digits: int = 2) -> str:
 def asha_start(settings: dict) -> str:
     """Where ASHA's first rung was, in the run's fidelity."""
     if settings.get("fidelity") == "epochs":
-        return f"{settings['grace_epochs']} recovery epoch(s)"
-    return f"{settings.get('grace_sparsity_pct', 20)}% sparsity"
+        start = f"{settings['grace_epochs']} recovery epoch(s)"
+    else:
+        start = f"{settings.get('grace_sparsity_pct', 20)}% sparsity"
+    return f"{start}, reduction factor {settings.get('reduction_factor', 2)}"
 
 
 def to_markdown(result: dict, plot_name: str = "bench_search_curves.png") -> str:
@@ -315,6 +317,8 @@ def main() -> None:
                         help="what ASHA's rungs count (epochs: one-shot spaces, e.g. search_spaces/oneshot_recovery.yaml)")
     parser.add_argument("--grace-epochs", type=int, default=SearchSettings.grace_epochs,
                         help="ASHA's first rung with --fidelity epochs")
+    parser.add_argument("--reduction-factor", type=int, default=SearchSettings.reduction_factor,
+                        help="ASHA's reduction factor")
     parser.add_argument("--hand", choices=("full", "quick", "skip"), default="full",
                         help="hand recipes: full (p=0.1, 16 iterations x 3 epochs), quick (smoke runs) or skip")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -366,6 +370,7 @@ def main() -> None:
     result = {
         "settings": {"num_samples": args.num_samples, "grace_sparsity_pct": args.grace_sparsity_pct,
                      "fidelity": args.fidelity, "grace_epochs": args.grace_epochs,
+                     "reduction_factor": args.reduction_factor,
                      "seeds": sorted({s["seed"] for s in searches}), "max_concurrent": args.max_concurrent, "hand": args.hand, "space": space.to_dict(),
                      "space_file": str(args.space),
                      "hand_recipes": {k: {**HAND_BASE, **v} for k, v in HAND.items()}},
