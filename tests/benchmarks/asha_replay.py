@@ -201,8 +201,9 @@ def main() -> None:
               f"{result['pooled'][0]['trials'] if result['pooled'] else 0} trials, each rotation), steps ratio / gap %: "
               + "; ".join(f"grace {p['grace']}, from search {p['first']}: {p['steps_ratio']} / {p['best_gap_pct']}"
                           for p in result["pooled"])]
-    unit = " epochs" if fidelity == "epochs" else "%"
-    lines += ["", f"Rank correlation (Spearman) of a trial's {metric} at a {fidelity} rung with its final validation "
+    unit = " epoch(s)" if fidelity == "epochs" else "%"
+    rung_name = "a recovery-epoch rung" if fidelity == "epochs" else "a sparsity rung"
+    lines += ["", f"Rank correlation (Spearman) of a trial's {metric} at {rung_name} with its final validation "
               "ppl: " + ", ".join(f"{rung}{unit}: {rho}" for rung, rho in result["rung_vs_final_spearman"].items())]
     if result["checks"]:
         lines += ["", f"Replay check (ASHA searches replayed with grace {args.ran_grace}, reduction 2; trials whose real "
