@@ -419,6 +419,7 @@ ONESHOT_MASKED = "fixed:\n  model: tiny\n  method: magnitude\n  sparsity: 0.5\n 
     (ONESHOT_MASKED.replace("recovery: masked", "recovery: masked\n  workers: 2"), [], "use workers: 1"),
     (ONESHOT_MASKED, ["--grace-epochs", "2"], "must be below the 2 recovery epoch(s)"),
     (ONESHOT_MASKED, ["--rung-metric", "projected"], "use one"),
+    (ONESHOT_MASKED, ["--objective", "zeroshot_acc"], "goes with --objective final_ppl"),
 ])
 def test_epoch_fidelity_refuses_spaces_it_cannot_rank(space_text, extra, fragment, tmp_path, capsys):
     space = tmp_path / "space.yaml"

@@ -119,6 +119,9 @@ class SearchSettings:
         if self.rung_metric == "projected" and self.objective != "final_ppl":
             raise ConfigError(f"--rung-metric projected ranks trials by validation perplexity at the target: it "
                               f"goes with --objective final_ppl, not {self.objective} (drop --rung-metric)")
+        if self.fidelity == "epochs" and self.objective != "final_ppl":
+            raise ConfigError(f"--fidelity epochs ranks trials by validation perplexity after every recovery epoch: "
+                              f"it goes with --objective final_ppl, not {self.objective} (drop --fidelity)")
         if self.rung_metric == "projected" and self.fidelity == "epochs":
             raise ConfigError("--rung-metric projected projects iterative trials to their target at sparsity "
                               "milestones; --fidelity epochs ranks one-shot trials by recovery epochs: use one")
