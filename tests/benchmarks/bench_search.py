@@ -51,7 +51,10 @@ VARIANTS = (("optuna", "asha"), ("random", "asha"), ("random", "full"), ("qmc", 
 MODE_LABELS = {"asha": "ASHA", "full": "no early stopping", "ignore": "ASHA, stopped trials ignored"}
 HAND = {"hand p=0.1, 3 ep, lr 1e-5 (seed 001)": dict(lr=1e-5),
         "hand p=0.1, 3 ep, lr 1e-3": dict(lr=1e-3)}
-HAND_BASE = dict(method="magnitude", prune_percentage=0.1, epochs_per_iteration=3, pruning_strategy="uniform")
+# The seed's recipe is iterative pruning, whatever the space's own schedule (a one-shot space's
+# fixed settings otherwise: the same data, step and evaluation budgets).
+HAND_BASE = dict(method="magnitude", schedule="iterative", prune_percentage=0.1, epochs_per_iteration=3,
+                 pruning_strategy="uniform")
 QUICK_HAND = dict(prune_percentage=0.5, epochs_per_iteration=1)  # smoke runs: 3 iterations, not 16 x 3 epochs
 
 
