@@ -178,8 +178,8 @@ def main() -> None:
                                    else round(100 * (r["best_val"] / best - 1), 2), "completed": r["completed"]})
             gaps = [p["best_gap_pct"] for p in per_search if p["best_gap_pct"] is not None]
             result["sweep"].append({"grace": grace, "reduction": reduction, "rungs": asha_rungs(grace, reduction, max_t),
-                                    "median_steps_ratio": statistics.median(p["steps_ratio"] for p in per_search),
-                                    "median_wall_ratio": statistics.median(p["wall_ratio"] or 0 for p in per_search),
+                                    "median_steps_ratio": round(statistics.median(p["steps_ratio"] for p in per_search), 3),
+                                    "median_wall_ratio": round(statistics.median(p["wall_ratio"] or 0 for p in per_search), 3),
                                     "median_best_gap_pct": statistics.median(gaps) if gaps else None,
                                     "worst_best_gap_pct": max(gaps) if gaps else None, "per_search": per_search})
     result["fidelity"] = fidelity

@@ -218,7 +218,7 @@ def summarise(searches: list[dict], hand: list[dict], n: int) -> dict:
     return {"groups": agg, "targets": targets}
 
 
-def plot(agg: dict, hand: list[dict], path: Path) -> None:
+def plot(agg: dict, hand: list[dict], path: Path, title: str = "tiny, iterative to 80% + masked recovery") -> None:
     """Median best-so-far validation ppl per searcher, shaded min-max over seeds."""
     import matplotlib
 
@@ -241,7 +241,7 @@ def plot(agg: dict, hand: list[dict], path: Path) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("trials started")
     ax.set_ylabel("best completed validation ppl so far")
-    ax.set_title("tiny, iterative to 80% + masked recovery: median (min-max) over search seeds")
+    ax.set_title(f"{title}\nmedian (min-max) over search seeds", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -390,7 +390,8 @@ def main() -> None:
         "wall_s": round(sum(s["wall_s"] for s in searches) + max((h["wall_s"] for h in hand), default=0.0), 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(result["summary"]["groups"], hand, args.out / f"{args.label}_curves.png")
+    plot(result["summary"]["groups"], hand, args.out / f"{args.label}_curves.png",
+         space.description or "tiny, iterative to 80% + masked recovery")
     (args.out / f"{args.label}.json").write_text(json.dumps(result, indent=2, default=str))
     markdown = to_markdown(result, f"{args.label}_curves.png")
     (args.out / f"{args.label}.md").write_text(markdown)
