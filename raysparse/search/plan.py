@@ -186,7 +186,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"per trial time   {span(plan['per_trial_s'])} ({iterations} iterations at the warm-up config's cost per "
         "iteration; more epochs or steps per iteration cost more)",
         f"total            {span(plan['total_s'])} ({plan['waves']} wave(s) of {plan['concurrency']}); an upper bound: "
-        "early stopping cuts many trials at a sparsity milestone",
+        "early stopping cuts many trials at a rung (a sparsity milestone, or a recovery epoch)",
     ] + (["at scale         one trial of the same settings ~ " + ", ".join(
         f"{name} {_duration(s)}" for name, s in plan["at_scale"].items()) + " on this hardware (time grows with "
         "parameters x tokens: tests/benchmarks/bench_scale_model.py)"] if plan.get("at_scale") else []))
