@@ -3,6 +3,8 @@ and paths to the real tiny artefacts in ../shared/data (tests using those skip w
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,21 @@ def tiny_preset() -> Path:
 
     logging.getLogger("raysparse").setLevel(logging.INFO)
     return ensure_tiny_model()
+
+
+@contextmanager
+def fresh_ray(num_cpus: int = 2, **options) -> Iterator[None]:
+    """A fresh Ray instance for one block, shut down however the block ends.
+
+    address="local": never joins a `ray start` cluster running on the machine, so a test's
+    resources are exactly the ones it asks for."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, **{"include_dashboard": False, "log_to_driver": False, **options})
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def shared_path(*parts: str) -> Path:

@@ -3,15 +3,15 @@ import time
 
 import pytest
 import ray
+from conftest import fresh_ray
 
 from raysparse.trial.cache import StatsCache, cache_key, start_coordinator
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with fresh_ray():
+        yield
 
 
 def test_concurrent_askers_wait_for_one_computation(local_ray, tmp_path):

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
+from conftest import fresh_ray
 
 from raysparse.cli.prune import prune_main
 from raysparse.search.runner import run_search
@@ -33,9 +33,8 @@ params:
 
 @pytest.fixture(scope="module")
 def local_ray(tiny_preset):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with fresh_ray():
+        yield
 
 
 def search(folder: Path, space_text: str, name: str, samples: int) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from conftest import build_model  # noqa: E402
+from conftest import build_model, fresh_ray  # noqa: E402
 
 from raysparse.errors import ConfigError
 from raysparse.models.adapters import get_adapter
@@ -34,9 +34,8 @@ RUN = "resume-me"
 def ray_cluster():
     if ray.is_initialized():  # pragma: no cover - another module left one running
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with fresh_ray():
+        yield
 
 
 def pruned_llama():

@@ -1,5 +1,6 @@
 """`launch/search.py --plan`: resources, concurrency and a measured estimate; nothing launched."""
 import pytest
+from conftest import fresh_ray
 
 from raysparse.cli.search import search_main
 from raysparse.search.plan import TrialResources, concurrent_trials, iteration_range, trial_resources
@@ -24,16 +25,12 @@ params:
 
 @pytest.mark.slow
 def test_plan_prints_resources_fit_and_a_measured_estimate_without_launching(tiny_preset, tmp_path, capsys):
-    import ray
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fresh_ray():
         code = search_main(["--plan", "--space", str(space), "--num-samples", "5", "--max-concurrent", "4",
                             "--storage", str(tmp_path / "runs")])
-    finally:
-        ray.shutdown()
     out = capsys.readouterr().out
     assert code == 0, out
     assert "per trial        1 CPU = 1 CPU, 0 GPU" in out

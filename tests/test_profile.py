@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, fresh_ray
 
 from raysparse.cli.profile import profile_main
 from raysparse.config import TrialConfig
@@ -282,8 +282,6 @@ def test_layer_ratios_setting_is_checked_up_front(tmp_path):
 @pytest.mark.slow
 def test_ray_actors_score_profiles_as_the_process_does(saved_model_dir):
     """The parallel path: actors load their own model and read the database from the object store."""
-    import ray
-
     from raysparse.profile.fitness import ParallelEvaluator, ProfileEvaluator, log_probs, remote_evaluators
 
     model_dir = saved_model_dir()
@@ -295,12 +293,9 @@ def test_ray_actors_score_profiles_as_the_process_does(saved_model_dir):
     reference = log_probs(loaded.model, windows, 2, torch.device("cpu"))
     profiles = [[1, 1], [0, 2], [2, 0]]
     local = ParallelEvaluator(local=ProfileEvaluator(loaded.model, database, windows, reference, 2))(profiles, 3)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fresh_ray():
         actors = remote_evaluators(2, str(model_dir), "auto", False, database, windows, reference, 2)
         remote = ParallelEvaluator(actors=actors)(profiles, 3)
-    finally:
-        ray.shutdown()
     assert remote == pytest.approx(local, rel=1e-4)
     assert len(set(round(v, 6) for v in local)) == 3  # the profiles differ, and so do their scores
 

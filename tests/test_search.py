@@ -2,7 +2,7 @@
 import json
 
 import pytest
-import ray
+from conftest import fresh_ray
 
 from raysparse.cli.prune import prune_main
 from raysparse.cli.search import search_main
@@ -34,9 +34,8 @@ params:
 
 @pytest.fixture(scope="module")
 def local_ray(tiny_preset):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with fresh_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

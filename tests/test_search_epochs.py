@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import fresh_ray
 
 from raysparse.search.milestones import RECOVERY_EPOCH, asha_rungs, crossed_rungs
 from raysparse.search.searcher import _make_scheduler, asha_bounds
@@ -92,20 +93,16 @@ def test_a_trial_reports_every_epoch_with_the_best_so_far(tiny_preset):
 @pytest.mark.slow  # a real Ray search (about 30 s)
 def test_a_search_with_epoch_fidelity_stops_trials_between_epochs(tiny_preset, tmp_path):
     import optuna
-    import ray
 
     from raysparse.search.runner import run_search
 
     space = tmp_path / "space.yaml"
     space.write_text(ONESHOT)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fresh_ray():
         # One trial at a time: which trial reaches a rung first, and so the stops, do not depend on timing.
         report = run_search(SearchSettings(space=str(space), num_samples=4, max_concurrent=1, searcher="random",
                                            storage=str(tmp_path / "runs"), name="e", seed=0, fidelity="epochs",
                                            grace_epochs=1, final_eval=False, max_failures=0))
-    finally:
-        ray.shutdown()
     rows = {row["trial_id"]: row for row in report["rows"]}
     study = optuna.load_study(study_name="e", storage=report["optuna_storage"])
     stopped = 0

@@ -7,6 +7,7 @@ reported for the chosen configuration differs.
 """
 import pytest
 import ray
+from conftest import fresh_ray
 
 from raysparse.data.pydoc import pydoc_corpus_text
 from raysparse.errors import ConfigError
@@ -51,16 +52,13 @@ def test_an_adversarial_test_text_changes_no_decision(tiny_preset, tmp_path):
     honest.write_text(text)
     adversarial.write_text("\n".join(" ".join(reversed(line.split())) for line in text.splitlines()))
     reports = {}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fresh_ray():
         for name, test in (("honest", honest), ("adversarial", adversarial)):
             space = tmp_path / f"{name}.yaml"
             space.write_text(SPACE.format(val=val, test=test))
             reports[name] = run_search(SearchSettings(
                 space=str(space), num_samples=3, max_concurrent=2, storage=str(tmp_path / "runs"), name=name,
                 searcher="random", seed=1, early_stopping=False, max_failures=0))
-    finally:
-        ray.shutdown()
     a, b = reports["honest"], reports["adversarial"]
     params = [{k: v for k, v in r.items() if k.startswith("param_")} for r in a["rows"]]
     assert params == [{k: v for k, v in r.items() if k.startswith("param_")} for r in b["rows"]]

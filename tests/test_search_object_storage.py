@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
+from conftest import fresh_ray
 
 from raysparse.cluster.storage import check_writable, delete_dir, list_dirs, read_text, upload_dir
 from raysparse.errors import ConfigError
@@ -54,13 +54,10 @@ def test_a_search_on_a_storage_uri_uploads_trials_and_results_and_resumes_from_i
     space.write_text(SPACE)
     bucket = tmp_path / "bucket"
     storage = bucket.as_uri()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fresh_ray():
         report = run_search(SearchSettings(space=str(space), num_samples=2, max_concurrent=2, storage=storage,
                                            name="t", searcher="random", early_stopping=False, max_failures=0))
         resumed = run_search(SearchSettings(), resume=f"{storage}/t")
-    finally:
-        ray.shutdown()
     assert report["experiment"] == f"{storage}/t"
     assert [r["status"] for r in report["rows"]] == ["completed", "completed"]
     assert (bucket / "t" / "results.csv").is_file() and (bucket / "t" / "best_config.json").is_file()

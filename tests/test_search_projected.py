@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
+from conftest import fresh_ray
 
 from raysparse.search.milestones import PROJECTED, asha_rungs, crossed_rungs
 from raysparse.search.runner import run_search
@@ -31,13 +31,10 @@ params:
 def test_a_search_ranks_its_rungs_by_the_projection(tiny_preset, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fresh_ray():
         report = run_search(SearchSettings(space=str(space), num_samples=2, max_concurrent=2,
                                            storage=str(tmp_path / "runs"), name="p", seed=0, grace_sparsity_pct=20,
                                            rung_metric="projected", final_eval=False, max_failures=0))
-    finally:
-        ray.shutdown()
     import optuna
 
     study = optuna.load_study(study_name="p", storage=report["optuna_storage"])

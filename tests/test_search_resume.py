@@ -3,6 +3,7 @@ import json
 
 import pytest
 import ray
+from conftest import fresh_ray
 from test_search import SPACE
 
 from raysparse.cli.search import search_main
@@ -75,13 +76,10 @@ def test_a_search_trial_can_run_distributed_recovery_on_object_storage(tiny_pres
         "fixed:\n  model: tiny\n  method: magnitude\n  sparsity: 0.5\n  recovery: masked\n  workers: 2\n"
         "  train_samples: 16\n  max_steps: 2\n  batch_size: 8\n  eval_max_windows: 4\n"
         "params:\n  lr: {loguniform: [1.0e-4, 1.0e-3]}\n")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)  # 0.5 for the trial + 2 workers
-    try:
+    with fresh_ray(3):  # 0.5 for the trial + 2 workers
         report = run_search(SearchSettings(space=str(space), num_samples=1, cpus_per_trial=0.5,
                                            storage=(tmp_path / "runs").as_uri(), name="tit", early_stopping=False,
                                            max_failures=0))
-    finally:
-        ray.shutdown()
     (row,) = report["rows"]
     assert row["status"] == "completed", row["error"]
     assert row["sparsity"] == pytest.approx(0.5, abs=1 / 64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_path
+from conftest import fresh_ray, shared_path
 
 from raysparse.cli.prune import prune_main
 from raysparse.config import TrialConfig
@@ -103,20 +103,16 @@ params:
 
 @pytest.mark.slow
 def test_a_zeroshot_search_picks_by_accuracy_and_its_best_config_reruns(tiny_preset, tmp_path):
-    import ray
 
     from raysparse.search.runner import run_search
     from raysparse.search.settings import SearchSettings
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fresh_ray():
         report = run_search(SearchSettings(space=str(space), num_samples=2, max_concurrent=2, searcher="random",
                                            storage=str(tmp_path / "runs"), name="zs", seed=0, objective="zeroshot_acc",
                                            early_stopping=False, max_failures=0))
-    finally:
-        ray.shutdown()
     done = [r for r in report["rows"] if r["status"] == "completed"]
     assert len(done) == 2 and all(r["val_zeroshot_acc"] is not None for r in done)
     best = report["best"]

@@ -213,6 +213,12 @@ def rounds_note(searched: dict) -> str:
     return f" (round {best['round']} of {len(rounds)}, val {values})"
 
 
+def started_from(searched: dict) -> str:
+    """The first round's anchor: later rounds start from a file in the run's temporary folder."""
+    rounds = searched.get("rounds") or []
+    return rounds[0]["anchor_name"] if rounds else searched.get("start", "uniform")
+
+
 def kl_from(searched: dict) -> str:
     """The KL the search improved on: uniform's, or the anchor's on an anchored grid (no uniform there)."""
     if searched.get("kl_uniform") is not None:
@@ -239,7 +245,7 @@ def markdown(rows: list[dict], args) -> str:
             f"({r['owl']['alpha']}) | {s['test_ppl']:.2f} | {100 * r['searched_vs_best_heuristic']:+.1f}% | "
             f"{'CE ' if r.get('fitness') == 'ce' else ''}{kl_from(s)} -> "
             f"{'off-grid' if s['kl'] is None else format(s['kl'], '.3f')} | "
-            f"{s.get('start', 'uniform')}{' (anchored db)' if r.get('database') == 'anchored' else ''} | "
+            f"{started_from(s)}{' (anchored db)' if r.get('database') == 'anchored' else ''} | "
             f"{s.get('chosen', '-')}{rounds_note(s)} | {s['search_over_prune']}x | {reuse.get('build_s', '')} | "
             f"{reuse.get('reload_s', '')} |")
     return "\n".join(lines) + "\n"
