@@ -43,6 +43,9 @@ from raysparse.trial.runner import run_trial
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[2] / "shared" / "data"
 GRID = "0.45:0.95:0.05"
+# The heuristics' per-layer bounds: wide, so the allocation rather than the clamp shapes a profile.
+HEURISTIC_BOUNDS = {"min_pruning_rate": 0.0, "max_pruning_rate": 0.95}
+IMPORTANCE_METHODS = {"importance": "removal", "owl": "owl"}  # heuristic column -> --importance-method
 
 
 def model_config(name: str, folder: Path, eval_windows: int) -> dict:
@@ -68,12 +71,17 @@ def trial(base: dict, **overrides) -> dict:
             "ratios": (summary["history"][-1].get("layer_ratios") if summary["history"] else None)}
 
 
-def best_alpha(base: dict, importance: str, alphas: list[float]) -> dict:
+def heuristic_trial(base: dict, column: str, alpha: float, **overrides) -> dict:
+    """One importance-inverse prune, as the `importance` and `owl` columns run it."""
+    return trial(base, pruning_strategy="inverse", importance_method=IMPORTANCE_METHODS[column], alpha=alpha,
+                 **overrides)
+
+
+def best_alpha(base: dict, column: str, alphas: list[float]) -> dict:
     """Sweep alpha on validation (no test), then evaluate the chosen one on test."""
-    sweep = {a: trial(base, pruning_strategy="inverse", importance_method=importance, alpha=a, report_test=False)
-             for a in alphas}
+    sweep = {a: heuristic_trial(base, column, a, report_test=False) for a in alphas}
     chosen = min(sweep, key=lambda a: sweep[a]["val_ppl"])
-    final = trial(base, pruning_strategy="inverse", importance_method=importance, alpha=chosen)
+    final = heuristic_trial(base, column, chosen)
     return {**final, "alpha": chosen, "val_by_alpha": {str(a): r["val_ppl"] for a, r in sweep.items()}}
 
 
@@ -104,11 +112,11 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
         for target in targets:
             base = {**base_model, "method": method, "sparsity": str(target), "nsamples": args.nsamples,
                     "importance_samples": args.importance_samples, "stats_cache": stats,
-                    "min_pruning_rate": 0.0, "max_pruning_rate": 0.95}
+                    **HEURISTIC_BOUNDS}
             row = {"model": name, "method": method, "target": target, "database": args.database,
                    "fitness": args.fitness}
             row["uniform"] = trial(base)
-            row["importance"] = best_alpha(base, "removal", args.alphas)
+            row["importance"] = best_alpha(base, "importance", args.alphas)
             row["owl"] = best_alpha(base, "owl", args.alphas)
             out = work / f"search-{name}-{method}-{target}"
             options = ProfileOptions(levels=args.grid, generations=args.generations, offspring=args.offspring,
@@ -116,8 +124,8 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
                                      fitness=args.fitness, rounds=args.rounds,
                                      rescore_seeds=args.rescore_seeds, compare=False, start=args.start, rescore=args.rescore,
                                      start_alphas=",".join(str(a) for a in args.alphas), database=args.database)
-            config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
-                                                                                "stats_cache")},
+            config = TrialConfig(**{k: v for k, v in base.items() if k not in {*HEURISTIC_BOUNDS,
+                                                                                "stats_cache"}},
                                  output=str(out))
             record = run_rounds(config, options)
             searched = trial(base, layer_ratios=str(out / "best_profile.json"))
@@ -143,8 +151,8 @@ def run(name: str, methods: list[str], targets: list[float], args, work: Path, r
                               for k, v in row.items()}), flush=True)
         # the database again, same storage, same grid: only loaded
         reuse_out = work / f"reuse-{name}-{method}"
-        config = TrialConfig(**{k: v for k, v in base.items() if k not in ("min_pruning_rate", "max_pruning_rate",
-                                                                            "stats_cache")}, output=str(reuse_out))
+        config = TrialConfig(**{k: v for k, v in base.items() if k not in {*HEURISTIC_BOUNDS,
+                                                                            "stats_cache"}}, output=str(reuse_out))
         build = next(r["searched"]["database_s"] for r in rows if r["model"] == name and r["method"] == method)
         # an anchored database is reloaded by naming its anchor (no re-choosing)
         reuse_start = record.get("anchor_file") or "uniform"

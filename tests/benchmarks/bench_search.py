@@ -218,7 +218,7 @@ def summarise(searches: list[dict], hand: list[dict], n: int) -> dict:
     return {"groups": agg, "targets": targets}
 
 
-def plot(agg: dict, hand: list[dict], path: Path, title: str = "tiny, iterative to 80% + masked recovery") -> None:
+def plot(agg: dict, hand: list[dict], path: Path, title: str) -> None:
     """Median best-so-far validation ppl per searcher, shaded min-max over seeds."""
     import matplotlib
 

@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_profile import HERE, model_config, trial
+from bench_profile import HERE, HEURISTIC_BOUNDS, heuristic_trial, model_config, trial
 
 from raysparse.config.layer_ratios import write_layer_ratios
 from raysparse.models.fingerprint import model_fingerprint
-
-IMPORTANCE_METHODS = {"importance": "removal", "owl": "owl"}  # bench_profile's heuristic names
 
 
 def spread(values: list[float]) -> dict:
@@ -73,9 +71,8 @@ def main() -> None:
         fingerprint = model_fingerprint(base["model"])
         for item in filter(None, args.also.split(",")):
             kind, alpha = item.split(":")
-            ratios = trial({**base, "importance_samples": args.importance_samples, "min_pruning_rate": 0.0,
-                            "max_pruning_rate": 0.95}, seed=0, pruning_strategy="inverse",
-                           importance_method=IMPORTANCE_METHODS[kind], alpha=float(alpha), report_test=False)["ratios"]
+            ratios = heuristic_trial({**base, "importance_samples": args.importance_samples, **HEURISTIC_BOUNDS},
+                                     kind, float(alpha), seed=0, report_test=False)["ratios"]
             profiles[f"{kind} a={float(alpha):g}"] = ratios
         profiles["searched"] = row["searched"]["ratios"]
         for name, ratios in profiles.items():
